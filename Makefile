@@ -1,6 +1,6 @@
 # safecl: two commands for a fresh machine.
 #   make quickstart   virtualenv + install + safecl train recipes/quickstart.yaml
-#   make test         virtualenv + install + the test suite (CI runs exactly this)
+#   make test         virtualenv + install + import contracts (lint-imports) + the test suite (CI runs exactly this)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -30,6 +30,7 @@ smoke: install
 	$(BIN)/safecl train recipes/smoke.yaml
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

@@ -24,6 +24,7 @@ examples:
   safecl train recipe.yaml output_dir=runs/try2 adapter.method=lora
   safecl train recipe.yaml --resume                       continue after a crash or Ctrl-C
   safecl train recipe.yaml --num-processes 2              data parallel through accelerate
+  safecl train recipe.yaml --from runs/safety-s0:safety   reuse a finished safety stage of another run
 
 overrides: any key of the recipe, list items by index (stages.0.data.limit=64). Values are
 parsed as YAML: numbers, true/false, [a, b] lists. `safecl schema` prints every key.
@@ -35,7 +36,12 @@ halted the run. Results: <output_dir>/ (see README "The run directory"); `safecl
 def _load(args):
     from safecl.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    start = getattr(args, "start_from", None)
+    if start:  # RUN_DIR given on the command line resolves against the working directory
+        run, _, stage = start.rpartition(":")
+        overrides.append(f"start_from={Path(run).resolve()}:{stage}" if run else f"start_from={start}")
+    return load_recipe(args.recipe, overrides)
 
 
 def cmd_validate(args) -> int:
@@ -86,6 +92,8 @@ def relaunch(args) -> int:
     else:
         cmd += ["--multi_gpu"]  # DDP; accelerate falls back to gloo on CPU-only machines
     cmd += ["-m", "safecl", "train", args.recipe, *args.overrides]
+    if args.start_from:
+        cmd += ["--from", args.start_from]
     if args.resume:
         cmd.append("--resume")
     print(f"[safecl] relaunching: {' '.join(cmd[2:])}", flush=True)
@@ -124,6 +132,9 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir: completed stages are kept, an interrupted stage continues "
                    "from its last checkpoint (train.checkpoint_every); only eval settings may have changed")
+    t.add_argument("--from", dest="start_from", metavar="RUN_DIR:STAGE",
+                   help="start from a finished stage of another run (its adapter, masks, retention rows): the "
+                   "recipe's stages up to STAGE must match that run's; training goes on with the next stage")
     t.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="re-launch through `accelerate launch` with N processes (data parallel); same as running "
                    "`accelerate launch --num_processes N -m safecl train ...` yourself")

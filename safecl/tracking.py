@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from safecl.recipe.base import Section, flatten_keys
+from safecl.config import Section, flatten_keys
 
 
 class TrackingConfig(Section):

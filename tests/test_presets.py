@@ -261,15 +261,13 @@ def test_hub_defaults_use_the_preset_config_split_and_converters(monkeypatch):
 
 @real
 def test_local_paths_never_touch_the_hub(monkeypatch):
-    import safecl.data.sources as sources
-    import safecl.evaluation.prompts as prompts
+    import safecl.data.sources as sources  # the one reader: data and prompt sets alike
 
     def no_network(*args, **kwargs):
         raise AssertionError("the hub was asked for data")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(sources, "_read_hub", no_network)
-    monkeypatch.setattr(prompts, "_read_hub", no_network)
     load_examples(saferpaca(100))
     for name, path in [("gsm8k", "gsm8k/test.jsonl"), ("boolq", "boolq/test.json"), ("arc-easy", "arc-easy/test.json")]:
         load_examples(TaskEvalConfig(preset=name, source=str(TASKS / path)), need_response=False)

@@ -6,6 +6,8 @@ named ``n`` is wrapped when ``n == t`` or ``n`` ends with ``"." + t`` for a targ
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -62,3 +64,18 @@ def restore(layers: dict[str, LoRILinear], snap: dict[str, torch.Tensor]) -> Non
             layer.discard_stage()
             layer.A.copy_(snap[f"{name}.A"])
             layer.B_frozen.copy_(snap[f"{name}.B"])
+
+
+@contextmanager
+def stage_switched_off(layers: dict[str, LoRILinear]):
+    """Within the block the model is exactly the model before the current stage (every layer's
+    trainable part off, lora's A as it was when the stage began): the free teacher of the
+    safety anchors. Restores each layer's switch on exit, also on error."""
+    previous = {name: layer.stage_enabled for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.stage_enabled = False
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.stage_enabled = previous[name]

@@ -16,6 +16,9 @@ Invariants kept here:
   optimizer state scale with the mask, not with B; the mask is applied in the forward pass
   (a scatter), so isolation holds under DDP/FSDP/ZeRO without gradient hooks.
 - For lori-* methods ``A`` never changes after creation.
+- Teacher view: with ``stage_enabled`` False the layer computes ``W x + s * B_frozen A_start x``
+  (``A_start`` = A when the stage began; it is A itself for lori-*), which is bit for bit the
+  model before this stage. Safety anchors use it as a free, exact teacher.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class LoRILinear(nn.Module):
         self.register_buffer("index", torch.zeros(0, dtype=torch.long))
         self.delta: nn.Parameter | None = None
         self.values: nn.Parameter | None = None
+        self.A_start: torch.Tensor | None = None  # lora: A when the stage began (teacher view)
+        self.stage_enabled = True
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.to(base.weight.device)
 
@@ -69,6 +74,8 @@ class LoRILinear(nn.Module):
         """Train all of B (on top of B_frozen) this stage."""
         self._clear()
         self.delta = nn.Parameter(torch.zeros_like(self.B_frozen))
+        if self.train_A:
+            self.A_start = self.A.detach().clone()
 
     def begin_sparse(self, mask: torch.Tensor) -> None:
         """Train only the entries where ``mask`` (out x r, bool) is True."""
@@ -91,10 +98,14 @@ class LoRILinear(nn.Module):
     def _clear(self) -> None:
         self.delta = None
         self.values = None
+        self.A_start = None
+        self.stage_enabled = True
         self.index = torch.zeros(0, dtype=torch.long, device=self.B_frozen.device)
 
     # -- math ------------------------------------------------------------------------------
     def effective_B(self) -> torch.Tensor:
+        if not self.stage_enabled:
+            return self.B_frozen
         if self.delta is not None:
             return self.B_frozen + self.delta
         if self.values is not None:
@@ -103,7 +114,8 @@ class LoRILinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        h = F.linear(self.dropout(x).to(self.A.dtype), self.A)
+        A = self.A if self.stage_enabled or self.A_start is None else self.A_start
+        h = F.linear(self.dropout(x).to(A.dtype), A)
         return y + (self.scaling * F.linear(h, self.effective_B())).to(y.dtype)
 
     def extra_repr(self) -> str:

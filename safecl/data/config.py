@@ -1,12 +1,12 @@
 """Recipe sections that name data: where records come from and how their fields map."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
+from safecl.config import Section
 from safecl.data.presets import (DATA_PRESET_NAMES, DATA_PRESETS, SAFERPACA_SAFETY_ROWS, fill_hub_source,
                                  preset_named)
-from safecl.recipe.base import Section
 
 
 class FieldMap(Section):
@@ -20,7 +20,27 @@ class FieldMap(Section):
     system: str | None = Field(None, description="Column with a per-row system prompt, if any.")
 
 
-class DataConfig(Section):
+class PresetSection(Section):
+    """A section with a ``preset`` key: the named public set fills in what the recipe leaves out.
+
+    A subclass names its registry in ``presets`` and fills the raw mapping in
+    :meth:`preset_defaults` (a ValueError there is a recipe error).
+    """
+
+    presets: ClassVar[dict] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data):
+        preset = preset_named(data, cls.presets)
+        return data if preset is None else cls.preset_defaults(preset, dict(data))
+
+    @classmethod
+    def preset_defaults(cls, preset, data: dict) -> dict:
+        return data
+
+
+class DataConfig(PresetSection):
     """One data source for a stage.
 
     ``source`` is ``builtin:<name>`` (the project's own sets, see ``safecl data list``), a
@@ -59,13 +79,11 @@ class DataConfig(Section):
         f"(default {SAFERPACA_SAFETY_ROWS}, as saferpaca_Instructions_{SAFERPACA_SAFETY_ROWS}.json)."
     )
 
-    @model_validator(mode="before")
+    presets: ClassVar[dict] = DATA_PRESETS
+
     @classmethod
-    def _preset_defaults(cls, data):
+    def preset_defaults(cls, preset, data: dict) -> dict:
         """Fill ``source`` with the preset's hub id and ``safety_rows`` with its default."""
-        preset = preset_named(data, DATA_PRESETS)
-        if preset is None:
-            return data
         data, _ = fill_hub_source(preset, data)
         if preset.name == "saferpaca" and data.get("safety_source") and data.get("safety_rows") is None:
             data["safety_rows"] = SAFERPACA_SAFETY_ROWS

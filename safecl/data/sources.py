@@ -1,6 +1,11 @@
 """Reading records from built-in sets, local files (JSON, JSONL, CSV, Parquet) and the hub,
 and turning each row into an :class:`~safecl.data.records.Example`.
 
+This module is safecl's one reader of rows: training data here, prompt sets through
+:func:`read_table` (:mod:`safecl.evaluation.prompts`). Files are UTF-8 (a byte-order mark is
+dropped) and may be gzip-compressed (``.gz``); CSV headers are stripped of spaces; a JSON file
+is a list of rows, or an object holding an ``instructions`` list or exactly one list.
+
 Row forms:
 - instruction: ``{instruction, input, output}`` (Alpaca, Saferpaca); the user turn is
   ``instruction`` followed by a blank line and ``input`` when ``input`` is not empty.
@@ -18,9 +23,12 @@ import csv
 import gzip
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from safecl.config import is_local_source, resolve_source
 from safecl.data.builtin import builtin_path
 from safecl.data.config import DataConfig
 from safecl.data.presets import DATA_PRESETS, mix_saferpaca
@@ -28,6 +36,10 @@ from safecl.data.records import Example
 from safecl.errors import DataError
 
 ROLES = {"system", "user", "assistant"}
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # what a hub dataset id can look like: name or org/name
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+By = Literal["row", "line"]
 
 
 @dataclass
@@ -51,63 +63,125 @@ class LoadReport:
         return out
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+@dataclass
+class Table:
+    """The raw rows of one source and where each stands, for messages that name file and row.
+
+    ``name`` is the source as messages call it (the file path, ``builtin:<name>`` or the hub
+    id); ``kind`` is what was read (jsonl, json, csv, parquet or hub); ``lines`` holds each
+    row's 1-based line in a text file (JSONL, CSV), None where rows have no line (JSON,
+    Parquet, hub). ``by`` is how :meth:`where` names a row: ``"row"``, ``data.jsonl: row 3``
+    (1-based, counting rows); ``"line"``, ``prompts.csv:4`` (the file line) or
+    ``prompts.json[2]`` (0-based index) where there is no line.
+    """
+
+    name: str
+    kind: str
+    rows: list
+    lines: list[int] | None = None
+    by: By = "row"
+
+    def where(self, i: int) -> str:
+        """Where row ``i`` (0-based) stands."""
+        return _where(self.name, self.by, i, self.lines[i] if self.lines else None)
 
 
-def read_rows(source: str, split: str, base_dir: Path | None = None,
-              hub_config: str | None = None) -> tuple[str, list[dict]]:
-    """(display name, rows) of a source. Local paths resolve against ``base_dir``."""
-    from safecl.recipe.loader import is_local_source, resolve_source
+def _where(name: str, by: By, index: int | None, line: int | None = None) -> str:
+    if by == "line" and line is not None:
+        return f"{name}:{line}"
+    if index is None:
+        return f"{name}: line {line}"
+    return f"{name}[{index}]" if by == "line" else f"{name}: row {index + 1}"
 
+
+def read_table(source: str, split: str = "train", base_dir: Path | None = None, *, hub_config: str | None = None,
+               hub: bool = True, what: str = "data", by: By = "row") -> Table:
+    """The rows of a source: ``builtin:<name>`` (its ``split``), a local file (relative paths
+    resolve against ``base_dir``, default the working folder) or a hub dataset id (``split``,
+    ``hub_config``). With ``hub=False`` a source that is not a file is a missing file;
+    ``what`` names the kind of file in that message ("data file not found", "prompt file ...").
+    """
     if source.startswith("builtin:"):
         try:
             path = builtin_path(source[len("builtin:"):], split)
         except FileNotFoundError as exc:
             raise DataError(str(exc)) from None
-        return source, _read_file(path)
-    if is_local_source(source) or Path(source).exists():
-        path = resolve_source(source, base_dir or Path.cwd())
-        if not path.is_file():
-            raise DataError(f"data file not found: {path}")
-        return str(path), _read_file(path)
-    return source, _read_hub(source, split, hub_config)
+        return _read_file(path, source, by)
+    base = base_dir if base_dir is not None else Path.cwd()
+    path = resolve_source(source, base)
+    if path.is_file():
+        return _read_file(path, str(path), by)
+    if not hub or is_local_source(source) or not HUB_ID.match(source):
+        relative = "" if Path(source).expanduser().is_absolute() else f", relative to {base}"
+        raise DataError(f"{what} file not found: {path} (source {source!r}{relative})")
+    return Table(source, "hub", _read_hub(source, split, hub_config), by=by)
 
 
-def _read_file(path: Path) -> list[dict]:
-    name = path.name.lower().removesuffix(".gz")
+def _open(path: Path):
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def _read_file(path: Path, name: str, by: By) -> Table:
+    kind = FILE_TYPES.get(Path(path.name.lower().removesuffix(".gz")).suffix)
+    if kind is None:
+        raise DataError(f"{name}: unknown file type (use .json, .jsonl, .csv or .parquet, optionally .gz)")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return Table(name, kind, pq.read_table(path).to_pylist(), by=by)
     try:
-        if name.endswith(".jsonl"):
-            rows = []
-            with _open(path) as fh:
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{path}: row {i}: not valid JSON ({exc.msg})") from None
-            return rows
-        if name.endswith(".json"):
-            with _open(path) as fh:
-                data = json.load(fh)
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: a JSON object must hold exactly one list of rows")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON array of rows")
-            return data
-        if name.endswith(".csv"):
-            with _open(path) as fh:
-                return list(csv.DictReader(fh))
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+        with _open(path) as fh:
+            return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind](fh, name, by)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
-            return pq.read_table(path).to_pylist()
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot parse: {exc}") from None
-    raise DataError(f"{path}: unknown file type (use .json, .jsonl, .csv or .parquet, optionally .gz)")
+
+def _read_jsonl(fh, name: str, by: By) -> Table:
+    rows, lines = [], []
+    for line_no, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{_where(name, by, len(rows), line_no)}: not valid JSON: {exc.msg}") from None
+        lines.append(line_no)
+    return Table(name, "jsonl", rows, lines, by)
+
+
+def _read_json(fh, name: str, by: By) -> Table:
+    try:
+        data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{_where(name, by, None, exc.lineno)}: not valid JSON: {exc.msg}") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if isinstance(data.get("instructions"), list):
+            data = data["instructions"]
+        elif len(lists) == 1:
+            data = lists[0]
+        else:
+            raise DataError(f"{name}: a JSON object must hold an 'instructions' list or exactly one list of rows; "
+                            f"keys are {sorted(data)}")
+    if not isinstance(data, list):
+        raise DataError(f"{name}: expected a JSON list of rows, got {type(data).__name__}")
+    return Table(name, "json", data, None, by)
+
+
+def _read_csv(fh, name: str, by: By) -> Table:
+    rows, lines = [], []
+    try:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise DataError(f"{name}: empty CSV (no header row)")
+        reader.fieldnames = [h.strip() for h in reader.fieldnames]
+        for row in reader:
+            rows.append({k: v for k, v in row.items() if k is not None})
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise DataError(f"{name}: not a readable CSV file: {exc}") from None
+    return Table(name, "csv", rows, lines, by)
 
 
 def _read_hub(source: str, split: str, config: str | None = None) -> list[dict]:
@@ -163,8 +237,8 @@ def row_to_example(row: dict, cfg: DataConfig, origin: str, need_response: bool 
     return Example(messages=messages, answer=None if answer is None else str(answer), origin=origin)
 
 
-def _numbered(name: str, rows: list) -> list[tuple[str, object]]:
-    return [(f"{name}: row {i}", row) for i, row in enumerate(rows, 1)]
+def _numbered(table: Table) -> list[tuple[str, object]]:
+    return [(table.where(i), row) for i, row in enumerate(table.rows)]
 
 
 def read_records(cfg: DataConfig, base_dir: Path | None = None,
@@ -179,17 +253,19 @@ def read_records(cfg: DataConfig, base_dir: Path | None = None,
     hub_config, split = None, cfg.split
     if preset is not None and cfg.source == preset.hub:
         hub_config, split = preset.hub_config, preset.hub_splits.get(cfg.split, cfg.split)
-    name, rows = read_rows(cfg.source, split, base_dir, hub_config)
+    table = read_table(cfg.source, split, base_dir, hub_config=hub_config)
+    name = table.name
     if cfg.safety_source is None:
-        return name, [(origin, None, row) for origin, row in _numbered(name, rows)], {}
-    safety_name, safety = read_rows(cfg.safety_source, cfg.split, base_dir)
-    n = cfg.safety_rows if cfg.safety_rows is not None else len(safety)
+        return name, [(origin, None, row) for origin, row in _numbered(table)], {}
+    safety = read_table(cfg.safety_source, cfg.split, base_dir)
+    safety_name = safety.name
+    n = cfg.safety_rows if cfg.safety_rows is not None else len(safety.rows)
     try:
-        mixed = mix_saferpaca(_numbered(name, rows), _numbered(safety_name, safety), n, seed)
+        mixed = mix_saferpaca(_numbered(table), _numbered(safety), n, seed)
     except ValueError as exc:
         raise DataError(f"{safety_name}: {exc}") from None
-    parts = {"alpaca": {"source": name, "rows": len(rows)},
-             "safety": {"source": safety_name, "rows": n, "available": len(safety)}}
+    parts = {"alpaca": {"source": name, "rows": len(table.rows)},
+             "safety": {"source": safety_name, "rows": n, "available": len(safety.rows)}}
     return f"saferpaca({name} + {n} rows of {safety_name})", [(o, part, r) for part, (o, r) in mixed], parts
 
 

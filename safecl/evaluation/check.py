@@ -36,7 +36,7 @@ from safecl.evaluation.config import RetentionConfig, TaskEvalConfig
 from safecl.evaluation.generation import generate
 from safecl.evaluation.judges import Judge, make_judge
 from safecl.evaluation.prompts import load_prompts
-from safecl.evaluation.scorers import bootstrap_ci, exact_match_number, label_accuracy, label_decided
+from safecl.evaluation.scorers import answer_decided, bootstrap_ci, exact_match_number, label_accuracy, label_decided
 
 
 @dataclass
@@ -130,9 +130,11 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
         measured = {"kind": "metric", "metric": "label_accuracy", "labels": labels,
                     "rule": "first whole-word label in the response (case-insensitive) equals the answer"}
     else:
-        score_fn, stop = exact_match_number, None
+        score_fn = exact_match_number
+        stop = answer_decided if cfg.stop_when_judged else None
         measured = {"kind": "metric", "metric": "exact_match",
-                    "rule": "last number in the response (commas stripped) equals the answer numerically"}
+                    "rule": "last number in the response (commas stripped) equals the answer numerically; "
+                    + ("generation stops once 'The answer is N' / '#### N' is written" if stop else "no early stop")}
     responses = generate(model, tokenizer, [ex.prompt_messages for ex in examples], max_new, cfg.batch_size,
                          do_sample=cfg.do_sample, stop_early=stop, progress=progress, desc=f"task:{task_name}")
     correct = [bool(score_fn(r, a)) for r, a in zip(responses, answers)]

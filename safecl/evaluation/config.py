@@ -1,17 +1,18 @@
 """Recipe sections for the retention check, its judges, task scoring and the forgetting gate."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt, confloat, model_validator
 
-from safecl.data.config import DataConfig
-from safecl.data.presets import DATA_PRESETS, PROMPT_PRESET_NAMES, PROMPT_PRESETS, fill_hub_source, preset_named
-from safecl.recipe.base import Section
+from safecl.config import Section
+from safecl.data.config import DataConfig, PresetSection
+from safecl.safety.config import RepairConfig
+from safecl.data.presets import PROMPT_PRESET_NAMES, PROMPT_PRESETS, fill_hub_source
 
 Fraction = confloat(ge=0.0, le=1.0)
 
 
-class PromptSetConfig(Section):
+class PromptSetConfig(PresetSection):
     """A set of prompts to generate from (harmful prompts, or benign prompts that look alarming).
 
     Formats: ``builtin`` (``builtin:<name>``), ``advbench`` (CSV, ``goal`` column), ``xstest``
@@ -38,13 +39,11 @@ class PromptSetConfig(Section):
         "order, so a small limit spans the set's categories (AdvBench and XSTest files are grouped by topic)."
     )
 
-    @model_validator(mode="before")
+    presets: ClassVar[dict] = PROMPT_PRESETS
+
     @classmethod
-    def _preset_defaults(cls, data):
+    def preset_defaults(cls, preset, data: dict) -> dict:
         """Fill ``source`` (and its split) from the preset's hub id, ``format`` and ``label`` from the preset."""
-        preset = preset_named(data, PROMPT_PRESETS)
-        if preset is None:
-            return data
         data, filled = fill_hub_source(preset, data)
         if filled:
             data.setdefault("split", preset.hub_split)
@@ -103,21 +102,16 @@ class TaskEvalConfig(DataConfig):
     labels: list[str] | None = Field(None, description="label_accuracy: the label words (default: the answers seen).")
     max_new_tokens: PositiveInt | None = Field(None, description="Override retention.max_new_tokens for this task.")
 
-    @model_validator(mode="before")
     @classmethod
-    def _preset_metric(cls, data):
-        """A preset's default ``metric`` and ``labels`` (a key the recipe sets wins)."""
-        preset = preset_named(data, DATA_PRESETS)
-        if preset is None:
-            return data
+    def preset_defaults(cls, preset, data: dict) -> dict:
+        """A preset's default ``metric`` and ``labels`` (a key the recipe sets wins), then DataConfig's."""
         if preset.metric is None:
             raise ValueError(f"preset {preset.name!r} has no gold answers, so it cannot score a task; "
                              "use it as stage data only")
-        data = dict(data)
         data.setdefault("metric", preset.metric)
         if data["metric"] == "label_accuracy" and data.get("labels") is None and preset.labels:
             data["labels"] = list(preset.labels)
-        return data
+        return super().preset_defaults(preset, data)
 
 
 class RetentionConfig(Section):
@@ -149,5 +143,9 @@ class GateConfig(Section):
     min_retention: Fraction | None = None  # type: ignore[valid-type]
     max_drop: Fraction | None = None  # type: ignore[valid-type]
     max_over_refusal: Fraction | None = None  # type: ignore[valid-type]
-    action: Literal["warn", "halt", "rollback"] = "warn"
+    action: Literal["warn", "halt", "rollback", "repair"] = Field(
+        "warn", description="warn: go on; halt: stop (exit 3); rollback: restore the previous adapter; repair: "
+        "train short safety passes on free entries (gate.repair) and re-check, exit 3 if they do not suffice."
+    )
     after_rollback: Literal["continue", "stop"] = "continue"
+    repair: RepairConfig = Field(default_factory=RepairConfig)

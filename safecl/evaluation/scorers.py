@@ -49,6 +49,16 @@ def exact_match_number(response: str, answer: str | float | int) -> bool:
     return math.isclose(got[-1], gold, rel_tol=1e-6, abs_tol=1e-6)
 
 
+_FINAL = re.compile(r"(?:answer is|####)\s*\$?\s*-?[\d,]*\.?\d+(?:\.\d+)?\s*(?:[^\d.,\s]|\.\s|\n)", re.IGNORECASE)
+
+
+def answer_decided(partial: str) -> bool:
+    """Early stop for exact_match: the response has stated its final answer ("The answer is N."
+    or "#### N") and moved past the number. The last number is then N unless the model writes
+    another number after it, which a stop here cuts off: the stated answer is what is scored."""
+    return _FINAL.search(partial) is not None
+
+
 def _label_regex(labels: list[str]) -> re.Pattern:
     ordered = sorted({label.strip() for label in labels if label.strip()}, key=len, reverse=True)
     if not ordered:

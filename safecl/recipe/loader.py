@@ -17,14 +17,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from safecl.config import is_local_source, resolve_source
 from safecl.data.builtin import builtin_names
 from safecl.errors import RecipeError
 from safecl.recipe.schema import CURRENT_VERSION, Recipe
 
 # version -> function(raw dict) -> raw dict of version + 1. Add one per format change.
 MIGRATIONS: dict[int, typing.Callable[[dict], dict]] = {}
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".gz", ".txt")
 
 
 def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
@@ -187,15 +186,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
 
 def recipe_dir(path: str | Path) -> Path:
     return Path(path).resolve().parent
-
-
-def is_local_source(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.lower().endswith(LOCAL_SUFFIXES)
-
-
-def resolve_source(source: str, base_dir: Path) -> Path:
-    p = Path(source).expanduser()
-    return p if p.is_absolute() else (base_dir / p)
 
 
 def _sources(recipe: Recipe):

@@ -23,6 +23,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, conflo
 from safecl.data.config import DataConfig
 from safecl.evaluation.config import GateConfig, RetentionConfig, TaskEvalConfig
 from safecl.recipe.base import Section
+from safecl.safety.config import AnchorConfig, DirectionConfig, ReplayConfig, SafetyMergeConfig
 from safecl.tracking import TrackingConfig
 
 CURRENT_VERSION = 1
@@ -80,6 +81,15 @@ class AdapterConfig(Section):
         0.1, description="lori-s: the calibration pass runs at this times the stage's lr (LoRI: dense LoRI-D "
         "at 1/10 of the sparse LoRI-S rate)."
     )
+    allocation: Literal["magnitude", "safety-aware"] = Field(
+        "magnitude", description="lori-s: how a task stage's mask is chosen among free entries: magnitude = "
+        "top-k of |B| after calibration (LoRI); safety-aware = also demote entries the anchors' refusal "
+        "likelihood is sensitive to (needs the stage's `anchor`, or the safety stage's data as anchors)."
+    )
+    allocation_strength: NonNegativeFloat = Field(
+        1.0, description="safety-aware: lambda in score = T / (1 + lambda * S) (normalised task score T, "
+        "safety sensitivity S)."
+    )
     disjoint: bool = Field(
         True,
         description="lori-s: masks disjoint across stages. false reproduces the LoRI reference code, "
@@ -129,6 +139,18 @@ class StageConfig(StageOverrides):
     data: DataConfig
     eval: TaskEvalConfig | None = Field(None, description="Held-out set scored after this and every later stage.")
     density: Density | None = Field(None, description="lori-s: this stage's mask density (default adapter.density).")  # type: ignore[valid-type]
+    replay: ReplayConfig | None = Field(None, description="Task stage: mix rows of the safety stage (or a source) in.")
+    anchor: AnchorConfig | None = Field(None, description="Task stage: hold answers on anchor prompts to the model "
+                                        "before the stage.")
+    merge: SafetyMergeConfig | None = Field(None, description="Task stage: after training, scale the stage's "
+                                            "entries down where its update conflicts with the safety stage's.")
+
+    @model_validator(mode="after")
+    def _safety_stage_plain(self) -> "StageConfig":
+        used = [k for k in ("replay", "anchor", "merge") if getattr(self, k) is not None]
+        if self.kind == "safety" and used:
+            raise ValueError(f"`{'`, `'.join(used)}` apply to task stages; stage {self.name!r} is the safety stage")
+        return self
 
 
 class Recipe(Section):
@@ -142,6 +164,14 @@ class Recipe(Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    start_from: str | None = Field(
+        None, description="RUN_DIR:STAGE: adopt the stages of another run up to STAGE (same model, adapter, seed "
+        "and stage settings) and continue with the next stage; RUN_DIR resolves against the recipe's folder."
+    )
+    refusal_direction: DirectionConfig | None = Field(
+        None, description="Compute the refusal direction right after the safety stage (stored in its stage "
+        "directory); needed by `anchor.loss: direction`."
+    )
 
     @model_validator(mode="after")
     def _check_stages(self) -> "Recipe":
@@ -151,8 +181,16 @@ class Recipe(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {dup}")
+        for i, stage in enumerate(self.stages):
+            if stage.anchor is not None and stage.anchor.loss == "direction" and self.refusal_direction is None:
+                raise ValueError(f"stages.{i}.anchor.loss 'direction' needs the `refusal_direction` section")
+            if stage.merge is not None and self.adapter.method == "lora":
+                raise ValueError(f"stages.{i}.merge: the safety merge needs a frozen A (lori-s or lori-d), "
+                                 "not lora")
         if self.adapter.method == "lori-s" and self.adapter.disjoint:
             total = sum(self.stage_density(i) for i in range(len(self.stages)))
+            if self.gate.action == "repair":  # room for one stage's repair passes at least
+                total += self.gate.repair.attempts * self.gate.repair.density
             if total > 1.0 + 1e-9:
                 raise ValueError(
                     f"mask densities add up to {total:.3f} > 1: disjoint masks cannot fit in B "

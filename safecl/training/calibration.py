@@ -3,7 +3,9 @@
 1. Every adapted module gets a dense trainable ``delta`` (LoRI-D) and trains for
    ``calibration_steps`` on the stage's own data, at ``calibration_lr_scale`` x the stage's
    learning rate (LoRI trains dense LoRI-D at 1/10 of the sparse LoRI-S rate).
-2. Scores = |delta|; the mask = global top-k over the free entries.
+2. Scores = |delta|; the mask = global top-k over the free entries (``allocation:
+   magnitude``), or top-k of the safety-aware score when a safety sensitivity per entry is
+   given (:mod:`safecl.adapters.allocation`).
 3. The deltas are discarded: the stage then trains from B_frozen (zero on free entries) on
    its mask only.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import math
 
 from safecl.adapters.layer import LoRILinear
-from safecl.adapters.masks import Masks, global_topk
+from safecl.adapters.allocation import allocate
+from safecl.adapters.masks import Masks
 from safecl.recipe.schema import AdapterConfig, TrainSettings
 from safecl.training.loop import LoopResult, run_loop
 
@@ -25,8 +28,10 @@ def calibration_length(adapter: AdapterConfig, stage_steps: int) -> int:
 
 
 def calibrate_mask(model, layers: dict[str, LoRILinear], free: Masks, k: int, data, settings: TrainSettings,
-                   steps: int, accelerator, pad_id: int, seed: int, desc: str) -> tuple[Masks, LoopResult]:
-    """Dense pass, then global top-k of |B| among ``free`` entries; leaves every layer frozen."""
+                   steps: int, accelerator, pad_id: int, seed: int, desc: str, sensitivity: dict | None = None,
+                   strength: float = 0.0) -> tuple[Masks, LoopResult]:
+    """Dense pass, then global top-k of |B| (or the safety-aware score) among ``free`` entries;
+    leaves every layer frozen."""
     for layer in layers.values():
         layer.begin_dense()
     params = [layer.delta for layer in layers.values()]  # A stays fixed during calibration
@@ -34,5 +39,5 @@ def calibrate_mask(model, layers: dict[str, LoRILinear], free: Masks, k: int, da
     scores = {name: layer.delta.detach().abs().cpu() for name, layer in layers.items()}
     for layer in layers.values():
         layer.discard_stage()
-    return global_topk(scores, free, k), result
+    return allocate(scores, free, k, sensitivity, strength), result
 

@@ -5,6 +5,12 @@ optimizer step (on every process) and divided by their total number of response 
 gradient accumulation and data parallelism give the same gradient as one big batch. AdamW, a warmup + linear/cosine/constant schedule and
 global-norm clipping over all trainable tensors. The data order is a seeded permutation per
 epoch; each process takes every ``num_processes``-th example of a micro-batch.
+
+Extra loss terms (safety anchors, replay distillation) are handed in as callables
+``term(model, step) -> scalar tensor`` (already weighted); each is evaluated once per
+optimizer step and its gradient is added to the task gradient:
+``loss_step = CE_response / n_tokens + sum_k term_k``. The loop knows nothing of what a term
+means; it records each term's values and its seconds (the term's cost per step).
 """
 
 from __future__ import annotations
@@ -32,16 +38,24 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     optimizer_state_bytes: int = 0
+    term_values: dict[str, list[float]] = field(default_factory=dict)
+    term_seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
         tail = self.losses[-10:]
+        terms = {name: {"mean": sum(v) / len(v) if v else None, "last": v[-1] if v else None,
+                        "seconds": round(self.term_seconds.get(name, 0.0), 3),
+                        "seconds_per_step": self.term_seconds.get(name, 0.0) / len(v) if v else None,
+                        "share_of_stage_time": self.term_seconds.get(name, 0.0) / self.seconds if self.seconds else None,
+                        "values": v}
+                 for name, v in self.term_values.items()}
         return {"steps": self.steps, "response_tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_second": self.tokens / self.seconds if self.seconds else None,
                 "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None,
                 "mean_loss_last10": sum(tail) / len(tail) if tail else None,
                 "optimizer_state_bytes": self.optimizer_state_bytes,
-                "losses": self.losses, "lrs": self.lrs}
+                "losses": self.losses, "lrs": self.lrs, **({"terms": terms} if terms else {})}
 
 
 def total_steps(n_examples: int, s: TrainSettings) -> int:
@@ -77,14 +91,16 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], settings: TrainSettings, steps: int,
              accelerator, pad_id: int, seed: int, desc: str, resume: dict | None = None,
-             checkpoint=None) -> LoopResult:
+             checkpoint=None, terms: list | None = None) -> LoopResult:
     """Train ``params`` of ``model`` for ``steps`` optimizer steps; returns losses and timings.
 
     ``resume``: a checkpoint state (step, optimizer, scheduler, loop, rng) to continue from;
     the data stream skips the micro-batches already consumed, so the run goes on exactly as
     if uninterrupted. ``checkpoint(step, optimizer, scheduler, loop_state)`` is called every
-    ``settings.checkpoint_every`` steps (not after the last one).
+    ``settings.checkpoint_every`` steps (not after the last one). ``terms``: extra loss terms
+    (objects with a ``name`` and ``__call__(model, step) -> scalar tensor``), see module doc.
     """
+    terms = list(terms or [])
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = int(settings.warmup_ratio * steps)
     scheduler = get_scheduler(settings.scheduler if settings.scheduler != "constant" else "constant_with_warmup",
@@ -100,6 +116,8 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         torch.set_rng_state(resume["rng"])
         loop = resume["loop"]
         result.losses, result.lrs, result.tokens = list(loop["losses"]), list(loop["lrs"]), loop["tokens"]
+        result.term_values = {k: list(v) for k, v in loop.get("term_values", {}).items()}
+        result.term_seconds = dict(loop.get("term_seconds", {}))
         first = resume["step"] + 1
         for _ in range(resume["step"] * settings.grad_accum):
             next(stream)
@@ -112,6 +130,14 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
         n_tokens = max(1, _global_count(n_local, accelerator))
         step_loss = 0.0
+        for term in terms:  # before the task micro-batches: their last backward syncs DDP gradients
+            t0 = time.perf_counter()
+            with accelerator.no_sync(wrapped) if accelerator.num_processes > 1 else nullcontext():
+                value = term(wrapped, step)
+                accelerator.backward(value)
+            result.term_values.setdefault(term.name, []).append(_global_sum(float(value.detach()), accelerator)
+                                                                / accelerator.num_processes)
+            result.term_seconds[term.name] = result.term_seconds.get(term.name, 0.0) + time.perf_counter() - t0
         for j, batch in enumerate(group):
             sync = j == len(group) - 1
             ctx = accelerator.no_sync(wrapped) if not sync and accelerator.num_processes > 1 else nullcontext()
@@ -141,7 +167,9 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         every = settings.checkpoint_every
         if checkpoint is not None and every and step % every == 0 and step < steps:
             checkpoint(step, optimizer, scheduler, {"losses": result.losses, "lrs": result.lrs, "tokens": result.tokens,
-                                                    "seconds": time.perf_counter() - start})
+                                                    "seconds": time.perf_counter() - start,
+                                                    "term_values": result.term_values,
+                                                    "term_seconds": result.term_seconds})
     bar.close()
     result.seconds = time.perf_counter() - start
     result.optimizer_state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values()

@@ -91,23 +91,26 @@ class RetentionTracker:
             write_json(self.out / "base_check.json", result.to_dict())
         return result.scores()
 
-    def check_stage(self, index: int, metrics: dict) -> GateDecision | None:
+    def check_stage(self, index: int, metrics: dict, row: str | None = None) -> GateDecision | None:
         """Check after stage ``index``; records the result and the gate decision in ``metrics``
-        (and rewrites the stage's metrics.json). None when the check is off."""
+        (and rewrites the stage's metrics.json). None when the check is off.
+
+        ``row``: the matrix row's name when it is not the recipe stage's (a repair pass of it)."""
         if not self.enabled:
             return None
         stage = self.recipe.stages[index]
-        result = self._check(index, f"stage '{stage.name}'")
-        self.matrix.add_row(stage.name, result.scores())
+        name = row or stage.name
+        result = self._check(index, f"stage '{name}'")
+        self.matrix.add_row(name, result.scores())
         if self.main:
             self.matrix.save(self.out / FILENAME)
-        decision = decide(self.matrix, self.recipe.gate, stage.name)
+        decision = decide(self.matrix, self.recipe.gate, name)
         metrics["retention"] = result.to_dict()
         metrics["gate"] = decision.to_dict()
         if decision.fired:
             self.echo(f"[safecl] GATE {decision.action.upper()}: " + "; ".join(decision.reasons))
         if self.main:
-            write_json(stage_dir(self.out, index, stage.name) / "metrics.json", metrics)
+            write_json(stage_dir(self.out, index, name) / "metrics.json", metrics)
         return decision
 
     def mark_rolled_back(self, stage_name: str) -> None:

@@ -28,33 +28,15 @@ from safecl.recipe.loader import dump_recipe, recipe_dir
 from safecl.recipe.schema import Recipe
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
+from safecl.training.adopt import adopt_stages, write_adopted
+from safecl.training.mechanisms import (DIRECTION_FILE, apply_replay, build_terms, check_sources, compute_direction,
+                                        safety_merge)
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, load_checkpoint, load_stage_adapter
+from safecl.training.repair import repair
 from safecl.training.retention import RetentionTracker
 from safecl.training.rundir import read_json, stage_dir, write_json, write_text
-from safecl.training.stage import RunContext, train_stage
-
-
-@dataclass
-class StagePlan:
-    index: int
-    name: str
-    kind: str
-    examples: int
-    steps: int
-    lr: float
-    batch_size: int
-    grad_accum: int
-    max_seq_len: int
-    density: float | None = None
-    calibration_steps: int | None = None
-
-    def row(self) -> str:
-        extra = ""
-        if self.density is not None:
-            extra = f"  density={self.density:g} calibration={self.calibration_steps} steps"
-        return (f"  {self.index:02d} {self.name:<14} {self.kind:<7} examples={self.examples:<6} steps={self.steps:<5} "
-                f"lr={self.lr:g} batch={self.batch_size}x{self.grad_accum} max_len={self.max_seq_len}{extra}")
+from safecl.training.stage import RunContext, StagePlan, train_stage
 
 
 @dataclass
@@ -68,17 +50,20 @@ class RunResult:
 
 
 def make_plan(recipe: Recipe, base_dir: Path) -> tuple[list[StagePlan], list]:
-    """Load every stage's data (no model needed) and work out steps and masks."""
-    plans, datasets = [], []
+    """Load every stage's data (no model needed), mix replay rows in, work out steps and masks."""
+    plans, datasets, pools = [], [], {}
     for i, stage in enumerate(recipe.stages):
         s = recipe.stage_settings(i)
         examples, report = load_examples(stage.data, base_dir, seed=recipe.seed + i)
+        pools.setdefault(0, examples)
+        examples, replay = apply_replay(recipe, i, examples, pools, base_dir)
         steps = total_steps(len(examples), s)
         lori_s = recipe.adapter.method == "lori-s"
         plans.append(StagePlan(i, stage.name, stage.kind, len(examples), steps, s.lr, s.batch_size, s.grad_accum,
                                s.max_seq_len, recipe.stage_density(i) if lori_s else None,
                                calibration_length(recipe.adapter, steps) if lori_s else None))
-        datasets.append((examples, report))
+        datasets.append((examples, report, replay))
+    check_sources(recipe, base_dir)
     return plans, datasets
 
 
@@ -139,8 +124,17 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     previous = read_json(out / "run.json") if resume and (out / "run.json").is_file() else {}
     run_info = {"safecl_version": __version__, "status": "running", "started": _now(), "model": recipe.model.name,
                 "method": a.method, "adapted_modules": len(layers), "b_entries": ctx.capacity, "stages": []}
-    run_info.update({k: previous[k] for k in ("started", "stages") if k in previous})
     run_info["resumed"] = previous.get("resumed", 0) + 1 if previous else 0
+    adopted = bool(recipe.start_from) and not previous
+    if adopted:  # a fresh run that starts from another run's stage: copy it in, then go on as resumed
+        if main:
+            started = adopt_stages(recipe, base_dir, out)
+            write_adopted(out, dict(run_info), started)
+            echo(f"[safecl] starting from {started['run']}:{started['stage']} (stages {', '.join(started['stages'])}; "
+                 f"retention rows {started['retention_rows']})")
+        accelerator.wait_for_everyone()
+        previous = read_json(out / "run.json")
+    run_info.update({k: previous[k] for k in ("started", "stages", "started_from") if k in previous})
     done = {s["name"] for s in run_info["stages"]}
     mlflow = Tracker(recipe.tracking, out, enabled=main, run_name=out.name, existing=previous.get("mlflow"))
     run_info["mlflow"] = mlflow.ids()
@@ -149,19 +143,28 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         write_json(out / "run.json", run_info)
     mlflow.log_recipe(recipe.model_dump(mode="json"))
     tracker = RetentionTracker(recipe, base_dir, out, model, tokenizer, enabled=recipe.retention.enabled,
-                               echo=echo, resume_rows=["base", *done] if resume else None,
+                               echo=echo, resume_rows=["base", *done] if resume or adopted else None,
                                accelerator=accelerator, main=main)
     if recipe.retention.check_base and tracker.enabled and not tracker.has_row("base"):
         mlflow.log_checkpoint(0, tracker.check_base(), None)
     owned: list[dict] = []
-    for plan, (examples, report) in zip(plans, datasets):
+    safety_B: dict = {}  # B after the safety stage: the reference of the post-stage safety merge
+    for plan, (examples, report, replay) in zip(plans, datasets):
         stage = recipe.stages[plan.index]
         sdir = stage_dir(out, plan.index, stage.name)
         if stage.name in done:  # completed before: rebuild, never recompute
-            load_stage_adapter(layers, sdir / "adapter")
-            if (sdir / "mask.safetensors").is_file():
-                owned.append(load_mask(sdir / "mask.safetensors"))
+            repaired = [e for e in run_info["stages"] if e.get("repair_of") == stage.name]
+            load_stage_adapter(layers, (out / repaired[-1]["dir"] if repaired else sdir) / "adapter")
+            for d in [sdir, *(out / e["dir"] for e in repaired)]:
+                if (d / "mask.safetensors").is_file():
+                    owned.append(load_mask(d / "mask.safetensors"))
+            if plan.index == 0:
+                safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
+                if recipe.refusal_direction is not None and not (sdir / DIRECTION_FILE).is_file():
+                    compute_direction(ctx, base_dir, sdir)
             echo(f"[safecl] stage {plan.index} '{stage.name}' already complete: loaded from {sdir}")
+            if adopted and tracker.enabled and not tracker.has_row(stage.name):
+                tracker.check_stage(plan.index, read_json(sdir / "metrics.json"))
             continue
         settings = recipe.stage_settings(plan.index)
         ckpt = load_checkpoint(sdir / "checkpoint") if resume else None
@@ -172,9 +175,22 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         metrics: dict = {"stage": stage.name, "index": plan.index, "kind": stage.kind, "method": a.method,
                          "data": {**report.to_dict(), "encoded": len(encoded), "dropped_too_long": too_long},
                          "settings": settings.model_dump()}
+        if replay is not None:
+            metrics["mechanisms"] = {"replay": {**replay, "distill": stage.replay.distill}}
         mlflow.start_stage(plan.index, stage.name, {"kind": stage.kind, "method": a.method, "steps": plan.steps,
                                                     "examples": plan.examples, **settings.model_dump()})
-        mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt)
+        terms, sensitivity = build_terms(ctx, plan.index, examples, base_dir, metrics)
+        mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity)
+        if plan.index == 0:
+            direction = compute_direction(ctx, base_dir, sdir)
+            if direction is not None:
+                metrics["refusal_direction"] = direction
+            safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
+        merged = safety_merge(ctx, plan.index, before, safety_B)
+        if merged is not None:
+            metrics.setdefault("mechanisms", {})["merge"] = merged
+            echo(f"[safecl] safety merge: {merged['scaled']}/{merged['modules']} modules scaled by {merged['scale']:g} "
+                 f"(update cosine to the safety stage's: min {merged['cosine_min']:.3f}, mean {merged['cosine_mean']:.3f})")
         save_stage = _stage_writer(main, layers, recipe, sdir, stage, plan)
         save_stage(metrics, mask)
         echo(f"[safecl] stage {plan.index} '{stage.name}' trained: loss {metrics['train']['first_loss']:.4f} -> "
@@ -197,13 +213,18 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
             scores = {e["name"]: e["score"] for e in metrics["retention"]["evals"]}
             mlflow.log_checkpoint(plan.index + 1, scores, tracker.matrix.safety_retention(stage.name))
         mlflow.end_stage(stage.name, metrics, sdir)
-        run_info["stages"].append(stage_entry)
+        repairs: list[dict] = []
+        if decision is not None and decision.fired and decision.action == "repair":
+            decision, repairs = repair(ctx, plan, stage.name, decision, tracker, owned, datasets[0][0], base_dir,
+                                       mlflow, run_info, echo)
+        run_info["stages"] += [stage_entry, *repairs]
         run_info["mlflow"] = mlflow.ids()
         if main:
             write_json(out / "run.json", run_info)
             shutil.rmtree(sdir / "checkpoint", ignore_errors=True)
         if decision is not None and decision.fired and (
-            decision.action == "halt" or (decision.action == "rollback" and recipe.gate.after_rollback == "stop")
+            decision.action in ("halt", "repair")  # repair: still failing after every attempt
+            or (decision.action == "rollback" and recipe.gate.after_rollback == "stop")
         ):
             run_info.update(status="halted", ended=_now(), halted_at=stage.name, reasons=decision.reasons)
             if main:

@@ -23,6 +23,28 @@ from safecl.training.loop import run_loop
 
 
 @dataclass
+class StagePlan:
+    index: int
+    name: str
+    kind: str
+    examples: int
+    steps: int
+    lr: float
+    batch_size: int
+    grad_accum: int
+    max_seq_len: int
+    density: float | None = None
+    calibration_steps: int | None = None
+
+    def row(self) -> str:
+        extra = ""
+        if self.density is not None:
+            extra = f"  density={self.density:g} calibration={self.calibration_steps} steps"
+        return (f"  {self.index:02d} {self.name:<14} {self.kind:<7} examples={self.examples:<6} steps={self.steps:<5} "
+                f"lr={self.lr:g} batch={self.batch_size}x{self.grad_accum} max_len={self.max_seq_len}{extra}")
+
+
+@dataclass
 class RunContext:
     recipe: Recipe
     out: Path
@@ -36,11 +58,17 @@ class RunContext:
 
 
 def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict, sdir: Path,
-                resume: dict | None) -> dict | None:
-    """Train stage ``plan.index`` in place (layers end committed); fills ``metrics``; returns its mask."""
+                resume: dict | None, terms: list | None = None, sensitivity: dict | None = None,
+                settings=None, seed: int | None = None) -> dict | None:
+    """Train stage ``plan.index`` in place (layers end committed); fills ``metrics``; returns its mask.
+
+    ``terms``: extra loss terms for the loop (safety anchors, replay distillation);
+    ``sensitivity``: per-entry safety sensitivity for safety-aware allocation (lori-s);
+    ``settings`` / ``seed``: a stage the runner schedules itself (a repair pass) brings its own.
+    """
     a = ctx.recipe.adapter
-    settings = ctx.recipe.stage_settings(plan.index)
-    seed = ctx.recipe.seed * 1000 + plan.index * 10
+    settings = settings if settings is not None else ctx.recipe.stage_settings(plan.index)
+    seed = seed if seed is not None else ctx.recipe.seed * 1000 + plan.index * 10
     torch.manual_seed(seed)
     pad = ctx.tokenizer.pad_token_id
     mask = None
@@ -54,8 +82,10 @@ def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict
             calib_settings = settings.model_copy(update={"lr": settings.lr * a.calibration_lr_scale})
             mask, calib = calibrate_mask(ctx.model, ctx.layers, free, mask_size(plan.density, ctx.capacity), encoded,
                                          calib_settings, plan.calibration_steps, ctx.accelerator, pad, seed + 1,
-                                         desc=f"{plan.index:02d} {plan.name} calibrate")
+                                         desc=f"{plan.index:02d} {plan.name} calibrate", sensitivity=sensitivity,
+                                         strength=a.allocation_strength)
             metrics["calibration"] = {"steps": calib.steps, "seconds": round(calib.seconds, 3),
+                                      "allocation": "safety-aware" if sensitivity is not None else "magnitude",
                                       "last_loss": calib.losses[-1] if calib.losses else None, "losses": calib.losses}
         for name, layer in ctx.layers.items():
             layer.begin_sparse(mask[name])
@@ -74,7 +104,7 @@ def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict
                             {"calibration": metrics.get("calibration")})
 
     result = run_loop(ctx.model, params, encoded, settings, plan.steps, ctx.accelerator, pad, seed,
-                      desc=f"{plan.index:02d} {plan.name}", resume=resume, checkpoint=checkpoint)
+                      desc=f"{plan.index:02d} {plan.name}", resume=resume, checkpoint=checkpoint, terms=terms)
     for layer in ctx.layers.values():
         layer.commit_stage()
     metrics["train"] = result.summary()

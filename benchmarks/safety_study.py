@@ -1,0 +1,170 @@
+"""Which mechanism keeps the safety alignment through a task stage, and at what cost?
+
+Runs recipes/smollm2-saferpaca-gsm8k.yaml (SmolLM2-135M-Instruct, Saferpaca safety stage ->
+GSM8K) with the retention check enlarged to >= 128 prompts per set, for LoRA, LoRI-S as it
+was, and LoRI-S with each safety-keeping mechanism, over several seeds. One safety stage per
+seed (the full LoRI-S run) serves every LoRI-S configuration of that seed through
+``safecl train --from RUN:safety``, so a configuration costs a task stage and one check.
+
+Every configuration is a real ``safecl train`` process writing a normal run directory under
+``--runs``; a finished one is not run again (the study resumes where it stopped). After every
+configuration the table is rewritten: ``--out``.json (every number with n and its 95%
+bootstrap interval, costs) and ``--out``.md (the table the README shows).
+
+    python benchmarks/safety_study.py --seeds 0 1 --configs lori-s anchor-kl replay-10 lora
+    python benchmarks/safety_study.py --list          # the configurations and their overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-saferpaca-gsm8k.yaml"
+# the enlarged check: 128 AdvBench behaviours, 128 XSTest safe prompts, 128 GSM8K test problems
+CHECK = ["retention.harmful.limit=128", "retention.benign.limit=128", "stages.1.eval.limit=128"]
+# What each configuration changes in the recipe (the recipe's own settings otherwise). The
+# shipped recipe may already carry a mechanism: "lori-s" removes them all, to measure LoRI-S as it was.
+PLAIN = ["stages.1.anchor=null", "stages.1.replay=null", "stages.1.merge=null", "adapter.allocation=magnitude"]
+CONFIGS: dict[str, list[str]] = {
+    "lori-s": PLAIN,
+    "lora": PLAIN + ["adapter.method=lora", "train.lr=3e-4"],
+    "replay-5": PLAIN + ["stages.1.replay={share: 0.05}"],
+    "replay-10": PLAIN + ["stages.1.replay={share: 0.10}"],
+    "replay-25": PLAIN + ["stages.1.replay={share: 0.25}"],
+    "replay-10-distill": PLAIN + ["stages.1.replay={share: 0.10, distill: 1.0}"],
+    "anchor-kl": PLAIN + ["stages.1.anchor={loss: kl, weight: 1.0}"],
+    "anchor-kl-w4": PLAIN + ["stages.1.anchor={loss: kl, weight: 4.0}"],
+    "anchor-direction": PLAIN + ["stages.1.anchor={loss: direction, weight: 1.0}"],
+    "merge": PLAIN + ["stages.1.merge={threshold: 0.0, scale: 0.5}"],
+    "safety-aware": PLAIN + ["adapter.allocation=safety-aware"],
+    "anchor-kl+replay-10": PLAIN + ["stages.1.anchor={loss: kl, weight: 1.0}", "stages.1.replay={share: 0.10}"],
+    "anchor-kl+safety-aware": PLAIN + ["stages.1.anchor={loss: kl, weight: 1.0}", "adapter.allocation=safety-aware"],
+}
+FULL_RUN = {"lori-s", "lora"}  # these train their own safety stage
+
+
+def run_dir(runs: Path, seed: int, name: str) -> Path:
+    return runs / f"s{seed}-{name}"
+
+
+def finished(path: Path) -> bool:
+    info = path / "run.json"
+    return info.is_file() and json.loads(info.read_text()).get("status") == "completed"
+
+
+def train(runs: Path, seed: int, name: str, log) -> Path:
+    out = run_dir(runs, seed, name)
+    if finished(out):
+        return out
+    cmd = [sys.executable, "-m", "safecl", "train", str(RECIPE), *CHECK, *CONFIGS[name], f"seed={seed}",
+           f"output_dir={out}"]
+    if name not in FULL_RUN:
+        base = run_dir(runs, seed, "lori-s")
+        if not finished(base):
+            train(runs, seed, "lori-s", log)
+        cmd += ["--from", f"{base}:safety"]
+    resume = (out / "run.json").is_file()
+    if resume:
+        cmd.append("--resume")
+    log(f"$ {' '.join(cmd[1:])}")
+    start = time.perf_counter()
+    with open(runs / f"s{seed}-{name}.log", "a") as fh:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    log(f"  {name} seed {seed}: exit {rc} after {time.perf_counter() - start:.0f}s")
+    if rc != 0:
+        raise SystemExit(f"{name} seed {seed} failed (exit {rc}); see {runs}/s{seed}-{name}.log")
+    return out
+
+
+def _cell(row: dict, column: str) -> dict | None:
+    for e in row["evals"]:
+        if e["name"] == column:
+            return {"score": e["score"], "n": e["n"], "ci": e.get("ci")}
+    return None
+
+
+def collect(out: Path) -> dict:
+    """Numbers of one run: after safety and after the task stage, with n and intervals, and costs."""
+    stages = sorted((out / "stages").iterdir())
+    safety, task = (json.loads((d / "metrics.json").read_text()) for d in (stages[0], stages[-1]))
+    s_ret, t_ret = safety["retention"], task["retention"]
+    refusal_s = _cell(s_ret, "refusal")
+    refusal_t = _cell(t_ret, "refusal")
+    terms = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in task["train"].get("terms", {}).items()}
+    mech = task.get("mechanisms", {})
+    return {
+        "run": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+        "refusal_after_safety": refusal_s, "over_refusal_after_safety": _cell(s_ret, "over_refusal"),
+        "refusal": refusal_t, "over_refusal": _cell(t_ret, "over_refusal"),
+        "gsm8k": next((_cell(t_ret, e["name"]) for e in t_ret["evals"] if e["name"].startswith("task:")), None),
+        "retention": refusal_t["score"] / refusal_s["score"] if refusal_s and refusal_s["score"] else None,
+        "task_train_seconds": task["train"]["seconds"] + task.get("calibration", {}).get("seconds", 0.0),
+        "task_steps": task["train"]["steps"],
+        "check_seconds": t_ret.get("seconds"),
+        "terms": terms,
+        "mechanisms": {k: {kk: vv for kk, vv in v.items() if kk != "scaled_modules"} if isinstance(v, dict) else v
+                       for k, v in mech.items()},
+    }
+
+
+def _fmt(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    lo, hi = (cell.get("ci") or [None, None])[:2]
+    band = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+    return f"{cell['score']:.2f}{band} (n={cell['n']})"
+
+
+def write_table(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| configuration | seed | refusal after safety | refusal after GSM8K | retention | over-refusal after "
+             "safety | over-refusal after GSM8K | GSM8K exact match | task stage s | extra s/step | check s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(results.items(), key=lambda kv: (list(CONFIGS).index(kv[1]["config"]), kv[1]["seed"])):
+        extra = sum(t.get("seconds_per_step") or 0 for t in r["terms"].values())
+        lines.append(f"| {r['config']} | {r['seed']} | {_fmt(r['refusal_after_safety'])} | {_fmt(r['refusal'])} | "
+                     f"{r['retention']:.2f} | {_fmt(r['over_refusal_after_safety'])} | {_fmt(r['over_refusal'])} | "
+                     f"{_fmt(r['gsm8k'])} | {r['task_train_seconds']:.0f} | {extra:.2f} | "
+                     f"{r['check_seconds'] or 0:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--configs", nargs="+", default=["lori-s", "anchor-kl", "replay-10", "lora"],
+                    choices=list(CONFIGS), metavar="NAME")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "safety_study")
+    ap.add_argument("--list", action="store_true", help="print the configurations and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, over in CONFIGS.items():
+            print(f"{name:<24} {' '.join(over)}")
+        return 0
+    args.runs.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    for name in args.configs:  # configuration-major: every seed of the first config before the next
+        for seed in args.seeds:
+            out = train(args.runs, seed, name, log)
+            results[f"{name}/s{seed}"] = {"config": name, "seed": seed, **collect(out)}
+            write_table(results, args.out)
+            r = results[f"{name}/s{seed}"]
+            log(f"  {name} s{seed}: refusal {_fmt(r['refusal'])}, retention {r['retention']:.2f}, "
+                f"over-refusal {_fmt(r['over_refusal'])}, gsm8k {_fmt(r['gsm8k'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
