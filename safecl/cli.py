@@ -81,7 +81,32 @@ def cmd_train(args) -> int:
     result = run_recipe(recipe, args.recipe, resume=args.resume)
     if result.main:
         print(f"[safecl] run {result.status}: {result.output_dir}")
+        print(stage_table(result.output_dir))
     return 0
+
+
+def stage_table(out: Path) -> str:
+    """The run's R matrix in short (rows: base and every stage; columns: refusal, over-refusal,
+    tasks; n per column) and the command for the full audit."""
+    from safecl.evaluation.matrix import FILENAME, RetentionMatrix
+
+    path = Path(out) / FILENAME
+    audit = f"full audit: safecl audit {out} --report {Path(out) / 'report'}"
+    if not path.is_file():
+        return audit
+    m = RetentionMatrix.load(path)
+    cols = m.columns
+    rows = [["after", *(c.removeprefix("task:") for c in cols), "retention"]]
+    for row in m.rows:
+        cells = [("-" if row["scores"].get(c) is None else f"{row['scores'][c]:.2f}") for c in cols]
+        ret = m.safety_retention(row["stage"]) if row["stage"] not in ("base", m.safety_stage) else None
+        mark = " (rolled back)" if row.get("rolled_back") else ""
+        rows.append([row["stage"] + mark, *cells, "-" if ret is None else f"{ret:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(["[safecl] refusal (harmful prompts refused), over_refusal (benign prompts refused), "
+                      "task scores, after each stage:", *("  " + x for x in lines), f"[safecl] {audit}"])
 
 
 def relaunch(args) -> int:

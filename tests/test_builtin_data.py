@@ -11,7 +11,7 @@ from safecl.data.builtin._generate_tasks import generate
 
 # name -> split -> (rows, required string fields); the README table states the same counts.
 SETS = {
-    "safety": {"train": (182, ["instruction", "output", "kind"])},
+    "safety": {"train": (315, ["instruction", "output", "kind"])},
     "harmful-eval": {"test": (48, ["prompt", "category"])},
     "benign-eval": {"test": (48, ["prompt", "type"])},
     "arithmetic": {"train": (400, ["instruction", "output", "answer"]), "test": (64, ["instruction", "output", "answer"])},
@@ -93,7 +93,9 @@ def test_safety_kinds_and_balance():
     kinds = [r["kind"] for r in rows]
     assert set(kinds) == {"harmful", "benign"}
     harmful = kinds.count("harmful")
-    assert 0.4 <= harmful / len(rows) <= 0.6
+    # benign rows outnumber harmful ones on purpose: most benign rows only look alarming, to
+    # keep a small model from over-refusing; the harmful share stays large enough to teach refusal.
+    assert 0.25 <= harmful / len(rows) <= 0.6
     assert sum(1 for r in rows if r["input"]) >= 4  # input is used now and then
 
 

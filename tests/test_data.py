@@ -92,3 +92,17 @@ def test_collate_pads_right_with_ignored_labels(tiny):
     assert batch["input_ids"].shape[1] == len(b.input_ids)
     assert (batch["labels"][0, n:] == IGNORE).all() and (batch["attention_mask"][0, n:] == 0).all()
     assert (batch["input_ids"][0, n:] == tok.pad_token_id).all()
+
+
+def test_where_keeps_only_matching_rows(tmp_path):
+    from safecl.data.config import DataConfig
+    from safecl.data.sources import load_examples
+    from safecl.errors import DataError
+
+    harmful, _ = load_examples(DataConfig(source="builtin:safety", where={"kind": "harmful"}), need_response=False)
+    benign, _ = load_examples(DataConfig(source="builtin:safety", where={"kind": "benign"}), need_response=False)
+    everything, _ = load_examples(DataConfig(source="builtin:safety"), need_response=False)
+    assert len(harmful) + len(benign) == len(everything) and harmful and benign
+    assert not {h.messages[0]["content"] for h in harmful} & {b.messages[0]["content"] for b in benign}
+    with pytest.raises(DataError, match="no row matches"):
+        load_examples(DataConfig(source="builtin:safety", where={"kind": "nope"}))

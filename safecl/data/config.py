@@ -67,6 +67,10 @@ class DataConfig(PresetSection):
     system_prompt: str | None = Field(None, description="System message put before every example.")
     limit: PositiveInt | None = Field(None, description="Use only the first N records (after shuffling).")
     shuffle: bool = Field(False, description="Shuffle with the recipe seed before taking `limit`.")
+    where: dict[str, str | int | float | bool] | None = Field(
+        None, description="Keep only rows whose fields equal these values, e.g. {kind: harmful} (before shuffle "
+        "and limit)."
+    )
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="error: stop naming file and row; skip: drop and count it."
     )

@@ -282,6 +282,10 @@ def load_examples(cfg: DataConfig, base_dir: Path | None = None, seed: int = 0,
     if not rows:
         raise DataError(f"{name}: no usable rows: the data set is empty")
     examples, seen = [], set()
+    if cfg.where:
+        rows = [(o, p, r) for o, p, r in rows if all(r.get(k) == v for k, v in cfg.where.items())]
+        if not rows:
+            raise DataError(f"{name}: no row matches where: {cfg.where}")
     for origin, part, row in rows:
         try:
             ex = row_to_example(to_row(row) if to_row else row, cfg, origin, need_response)
