@@ -89,3 +89,15 @@ def test_bootstrap_ci_edges():
     assert bootstrap_ci([0.0], samples=50, seed=0) == (0.0, 0.0)
     with pytest.raises(ValueError):
         bootstrap_ci([], samples=10, seed=0)
+
+
+def test_answer_decided_stops_only_after_the_stated_answer():
+    from safecl.evaluation.scorers import answer_decided, exact_match_number
+
+    assert not answer_decided("First 3 + 4 = 7, then")
+    assert not answer_decided("The answer is 42")  # the number may still grow
+    assert not answer_decided("The answer is 1,2")
+    assert answer_decided("3 + 4 = 7. The answer is 7.\n")
+    assert answer_decided("#### 1,200\n") and answer_decided("The answer is $12. More text")
+    cut = "So she pays 5 * 3 = 15 dollars. The answer is 15. "
+    assert answer_decided(cut) and exact_match_number(cut, "15")

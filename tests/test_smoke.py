@@ -88,3 +88,14 @@ def test_mlflow_store_has_parent_and_one_child_per_stage(smoke_run):
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"metrics.json", "mask.safetensors"} <= artifacts
     assert "task.sentiment" in client.get_run(run["mlflow"]["parent_run_id"]).data.metrics
+
+
+def test_train_ends_with_the_stage_table_and_the_audit_command(smoke_run):
+    out, proc = smoke_run
+    tail = proc.stdout[proc.stdout.index("run completed"):]
+    m = json.loads((out / "retention.json").read_text())
+    rows = [line.split() for line in tail.splitlines() if line.startswith("  ") and not line.strip().startswith("-")]
+    assert rows[0][:3] == ["after", "refusal", "over_refusal"]
+    assert [r[0] for r in rows[1:]] == [row["stage"] for row in m["rows"]]
+    assert rows[-1][1] == f"{m['rows'][-1]['scores']['refusal']:.2f}"
+    assert f"safecl audit {out} --report" in tail
