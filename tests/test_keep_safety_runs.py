@@ -154,6 +154,7 @@ def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     rows = json.loads((out / "retention.json").read_text())["rows"]
     src_rows = json.loads((src / "retention.json").read_text())["rows"]
     assert rows[:2] == src_rows[:2]  # base and safety rows carried over, not re-measured
+    assert (out / "base_check.json").read_bytes() == (src / "base_check.json").read_bytes()
     assert not any((_mask(out, "safety")[k] & _mask(out, "arithmetic")[k]).any() for k in _mask(out, "safety"))
     # a run that differs where it must agree is refused, naming the key
     rc, _, se = _train(path, "--from", f"{src}:safety", "adapter.rank=8", f"output_dir={tmp_path / 'x'}")

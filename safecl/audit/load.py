@@ -13,6 +13,11 @@ back:
 - a stage directory without ``metrics.json`` (the stage is training) or whose metrics have no
   ``retention`` yet (its check is running): the stage is listed with what is known.
 - stages named in the recipe but not started yet are listed with state ``"pending"``.
+- repair passes of the gate (action ``repair``): stages named ``<stage>.repair<k>``, not in the
+  recipe, with the index of the stage they repair (``stages/<NN>-<stage>.repair<k>/``, a
+  run.json entry with ``repair_of``): listed right after that stage, in attempt order.
+- a run started from another run's stage (run.json ``started_from``): its adopted stages carry
+  ``adopted_from`` in their run.json entries.
 
 A file that exists but cannot be parsed is not fatal: it is skipped and a warning naming the
 path is added to ``RunRecord.warnings``. Only a path that is not a run raises
@@ -33,6 +38,7 @@ from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 
 RUN_MARKERS = ("run.json", "recipe.resolved.yaml", FILENAME)
 _STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
+_REPAIR = re.compile(r"^(.+)\.repair(\d+)$")
 
 
 class NotARunError(DataError):
@@ -79,6 +85,27 @@ class StageRecord:
     def rolled_back(self) -> bool:
         return bool((self.metrics or {}).get("rolled_back") or (self.run_entry or {}).get("rolled_back"))
 
+    @property
+    def repair_of(self) -> str | None:
+        """The stage this one is a gate repair pass of (metrics or run.json ``repair_of``, else
+        the ``<stage>.repair<k>`` name); None for a recipe stage."""
+        named = _REPAIR.match(self.name)
+        return ((self.metrics or {}).get("repair_of") or (self.run_entry or {}).get("repair_of")
+                or (named.group(1) if named else None))
+
+    @property
+    def attempt(self) -> int | None:
+        """The repair pass's number k (1, 2, ...); None for a recipe stage."""
+        if self.repair_of is None:
+            return None
+        named = _REPAIR.match(self.name)
+        return (self.metrics or {}).get("attempt") or (int(named.group(2)) if named else None)
+
+    @property
+    def adopted_from(self) -> str | None:
+        """The run this stage was copied from (run.json entry ``adopted_from``), else None."""
+        return (self.run_entry or {}).get("adopted_from")
+
 
 @dataclass
 class RunRecord:
@@ -101,6 +128,12 @@ class RunRecord:
     @property
     def model(self) -> str | None:
         return self.run_info.get("model") or (self.recipe.get("model") or {}).get("name")
+
+    @property
+    def started_from(self) -> dict | None:
+        """run.json ``started_from`` ({run, stage, stages, retention_rows}) or None."""
+        value = self.run_info.get("started_from")
+        return value if isinstance(value, dict) else None
 
     @property
     def gate_config(self) -> dict:
@@ -146,38 +179,59 @@ def _evals(check: dict | None) -> dict[str, dict]:
     return out
 
 
+def _slot(records: list[StageRecord], index: int, name: str) -> StageRecord:
+    """The record of stage ``name`` at ``index``, added when new. A repair pass
+    (``<stage>.repair<k>``) gets a record of its own; another name at the index of a known
+    non-repair stage is that stage (a renamed stage: the caller decides which name wins)."""
+    same = [r for r in records if r.index == index]
+    hit = next((r for r in same if r.name == name), None)
+    if hit is None and not _REPAIR.match(name):
+        hit = next((r for r in same if not _REPAIR.match(r.name)), None)
+    if hit is None:
+        hit = StageRecord(index, name)
+        records.append(hit)
+    return hit
+
+
+def _read_stage_dir(rec: StageRecord, d: Path, warnings: list[str]) -> None:
+    """Fill ``rec`` from its stage directory ``d`` (metrics, evals, mask file)."""
+    rec.dir = d
+    rec.metrics = _read_json(d / "metrics.json", warnings)
+    if rec.metrics is not None and not isinstance(rec.metrics, dict):
+        warnings.append(f"{d / 'metrics.json'}: not a JSON object; skipped")
+        rec.metrics = None
+    rec.kind = rec.kind or (rec.metrics or {}).get("kind")
+    rec.evals = _evals((rec.metrics or {}).get("retention"))
+    for fname in ("mask.safetensors", "mask.rolled_back.safetensors"):
+        if (d / fname).is_file():
+            rec.mask_path = d / fname
+            break
+
+
 def _stages(root: Path, recipe: dict, run_info: dict, warnings: list[str]) -> list[StageRecord]:
-    """Union of recipe stages, run.json entries and stage directories, by index."""
-    by_index: dict[int, StageRecord] = {}
+    """Union of recipe stages, run.json entries and stage directories, by index; a stage's
+    repair passes follow it, in attempt order."""
+    records: list[StageRecord] = []
     for i, st in enumerate(recipe.get("stages") or []):
         if isinstance(st, dict) and st.get("name"):
-            by_index[i] = StageRecord(i, str(st["name"]), kind=st.get("kind"))
+            records.append(StageRecord(i, str(st["name"]), kind=st.get("kind")))
     for entry in run_info.get("stages") or []:
         if isinstance(entry, dict) and isinstance(entry.get("index"), int):
-            rec = by_index.setdefault(entry["index"], StageRecord(entry["index"], str(entry.get("name"))))
+            rec = _slot(records, entry["index"], str(entry.get("name")))
             rec.run_entry = entry
+            rec.kind = rec.kind or entry.get("kind")
     stages_root = root / "stages"
     for d in sorted(stages_root.iterdir()) if stages_root.is_dir() else []:
         hit = _STAGE_DIR.match(d.name)
         if not d.is_dir() or not hit:
             continue
         index, name = int(hit.group(1)), hit.group(2)
-        rec = by_index.setdefault(index, StageRecord(index, name))
+        rec = _slot(records, index, name)
         if rec.name != name:
             warnings.append(f"{d}: stage {index} is named {rec.name!r} in the recipe; using the directory")
             rec.name = name
-        rec.dir = d
-        rec.metrics = _read_json(d / "metrics.json", warnings)
-        if rec.metrics is not None and not isinstance(rec.metrics, dict):
-            warnings.append(f"{d / 'metrics.json'}: not a JSON object; skipped")
-            rec.metrics = None
-        rec.kind = rec.kind or (rec.metrics or {}).get("kind")
-        rec.evals = _evals((rec.metrics or {}).get("retention"))
-        for fname in ("mask.safetensors", "mask.rolled_back.safetensors"):
-            if (d / fname).is_file():
-                rec.mask_path = d / fname
-                break
-    return [by_index[i] for i in sorted(by_index)]
+        _read_stage_dir(rec, d, warnings)
+    return sorted(records, key=lambda r: (r.index, r.attempt or 0))
 
 
 def _rebuild_matrix(base_evals: dict, stages: list[StageRecord], safety: str | None) -> RetentionMatrix | None:

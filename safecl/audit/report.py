@@ -2,8 +2,10 @@
 
 ``write_report(doc, out_dir)`` writes into ``out_dir``:
 
-- ``report.html``: tables and every figure embedded as ``data:image/png;base64`` (no external
-  file, script, font or stylesheet; it opens offline and can be mailed as one file);
+- ``report.html``: tables (per run: R matrix, stages with verdicts, "Safety mechanisms and their
+  cost", eval sets; where the run started from in its header) and every figure embedded as
+  ``data:image/png;base64`` (no external file, script, font or stylesheet; it opens offline and
+  can be mailed as one file);
 - ``report.md`` and ``<view>.png`` for each view of :data:`safecl.audit.plots.FIGURES`.
 
 ``doc`` is the document of :func:`safecl.audit.summary.audit_runs`; with several runs every
@@ -18,7 +20,8 @@ import re
 from pathlib import Path
 
 from safecl.audit.plots import make_figures, to_png
-from safecl.audit.table import comparison_rows, fmt, fmt_cell
+from safecl.audit.table import (comparison_rows, cost_line, fmt, fmt_cell, mechanism_text, stage_label,
+                                started_from_line)
 
 HOW_TO_READ = {
     "safety": "Refusal of harmful prompts should stay where the safety stage put it; over-refusal of benign "
@@ -34,6 +37,12 @@ HOW_TO_READ = {
     "masks": "Where each stage's trainable entries sit. Stages that pick the same layers and projections "
              "compete for the same parts of the network; disjoint masks still keep their entries apart.",
 }
+
+MECHANISMS_HOW_TO_READ = (
+    "What each stage used to keep the safety alignment (replay of safety rows, a refusal anchor loss, safety-aware "
+    "mask allocation, the post-stage safety merge, the refusal direction, a repair pass of the gate) and what it "
+    "cost: s/step and share of stage time are what the extra loss terms add to training; teacher, sensitivity, "
+    "merge and direction seconds are work outside the training steps; the total sums them.")
 
 _NUMERIC = re.compile(r"^[-+]?\d")
 
@@ -62,11 +71,37 @@ def _stage_detail(st: dict) -> str:
     detail = list(gate.get("reasons") or []) if gate.get("fired") else []
     detail += [r for r in st.get("drift_reasons") or [] if not (gate.get("fired") and "gate." in r)]
     detail += [f"note: {n}" for n in st.get("notes") or []]
+    if st.get("repair_of"):
+        detail.append(f"repair pass {st.get('attempt') or '?'} of {st['repair_of']}")
+    if st.get("adopted_from"):
+        detail.append(f"adopted from {st['adopted_from']}")
     return "; ".join(detail)
 
 
+MECHANISM_HEADER = ["stage", "mechanisms", "train s", "loss terms s/step", "loss terms share of stage time",
+                    "teacher s", "sensitivity s", "merge s", "direction s", "mechanisms total s"]
+
+
+def mechanism_rows(a: dict) -> list[list[str]]:
+    """Rows of the "Safety mechanisms and their cost" table: per stage what it used (see
+    :func:`safecl.audit.table.mechanism_parts`), its train seconds, the extra loss terms'
+    seconds per step and share of the stage's time, the seconds of the work outside the steps
+    and the mechanisms' total; the last row sums the run."""
+    rows = []
+    for st in a["stages"]:
+        c = st.get("cost") or {}
+        share = c.get("terms_share_of_stage_time")
+        rows.append([stage_label(st), mechanism_text(st), fmt(c.get("train_seconds"), 1),
+                     fmt(c.get("terms_seconds_per_step"), 2), f"{share:.0%}" if share is not None else "-",
+                     *(fmt(c.get(k), 3) for k in ("teacher_seconds", "sensitivity_seconds", "merge_seconds",
+                                                   "direction_seconds", "extra_seconds"))])
+    rows.append(["run", cost_line(a), *[""] * (len(MECHANISM_HEADER) - 2)])
+    return rows
+
+
 def run_tables(a: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """[(title, header, rows)] of one run: the R matrix, the stages with verdicts, the eval sets."""
+    """[(title, header, rows)] of one run: the R matrix, the stages with verdicts, the safety
+    mechanisms with their cost, the eval sets."""
     cols = a["columns"]
     matrix = [[r["checkpoint"] + (" (rolled back)" if r["rolled_back"] else ""),
                *(fmt_cell(r["scores"][c]) for c in cols)] for r in a["matrix"]]
@@ -88,6 +123,7 @@ def run_tables(a: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ("R[t, j]: score after checkpoint t on eval set j  [95% CI] n", ["checkpoint", *cols], matrix),
         ("Stages", ["stage", "verdict", "refusal", "safety retention", "refusal drop", "over-refusal",
                     "max task forgetting", "mask capacity used", "why"], stages),
+        ("Safety mechanisms and their cost", MECHANISM_HEADER, mechanism_rows(a)),
         (f"Eval sets at the final row ({s.get('final_stage')})", ["eval set", "forgetting", "transfer"], evals),
     ]
 
@@ -114,7 +150,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _run_header(a: dict) -> str:
     status = a["status"] + (f" at stage '{a['halted_at']}'" if a.get("halted_at") else "")
-    return f"status {status}; method {a.get('method')}; model {a.get('model')}; directory {a['run_dir']}"
+    start = f"; {started_from_line(a)}" if started_from_line(a) else ""
+    return f"status {status}; method {a.get('method')}; model {a.get('model')}; directory {a['run_dir']}{start}"
 
 
 def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -144,9 +181,12 @@ def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
             h.append(f"<p class='drifted'>warning: {html.escape(w)}</p>")
             md += [f"> warning: {w}", ""]
         for ttl, header, rows in run_tables(a):
-            h.append(f"<h3>{html.escape(ttl)}</h3>" + (html_table(header, rows, 1 if ttl == "Stages" else None)
-                                                      if rows else "<p class='muted'>nothing recorded yet</p>"))
-            md += [f"### {ttl}", "", _md_table(header, rows) if rows else "_nothing recorded yet_", ""]
+            read = MECHANISMS_HOW_TO_READ if header is MECHANISM_HEADER else ""
+            h.append(f"<h3>{html.escape(ttl)}</h3>" + (f"<p class='read'>{html.escape(read)}</p>" if read else "")
+                     + (html_table(header, rows, 1 if ttl == "Stages" else None)
+                        if rows else "<p class='muted'>nothing recorded yet</p>"))
+            md += [f"### {ttl}", "", *([read, ""] if read else []),
+                   _md_table(header, rows) if rows else "_nothing recorded yet_", ""]
     h.append("<h2>Figures</h2>")
     md += ["## Figures", ""]
     paths: dict[str, Path] = {}

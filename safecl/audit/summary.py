@@ -13,7 +13,10 @@ The derived metrics use the definitions of :class:`safecl.evaluation.matrix.Rete
 - ``over_refusal_change`` = R[T, over_refusal] - R[safety, over_refusal]
 
 Per stage the same quantities are given at that stage's row, with the verdict of
-:mod:`safecl.audit.verdict`.
+:mod:`safecl.audit.verdict`, plus the safety-keeping mechanisms the stage used and their cost
+(:func:`stage_mechanisms`, :func:`stage_cost`, copied from its ``metrics.json``), ``repair_of`` /
+``attempt`` for a repair pass of the gate and ``adopted_from`` for a stage copied from another
+run. Per run: ``started_from`` (run.json) and ``cost`` (:func:`run_cost`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ AUDIT_VERSION = 1
 _MASK_KEYS = ("entries", "total_entries", "density", "capacity_used", "owned_after", "share_of_free",
               "by_layer", "by_projection")
 _TRAIN_KEYS = ("steps", "seconds", "first_loss", "last_loss", "mean_loss_last10")
+_TERM_KEYS = ("mean", "last", "seconds", "seconds_per_step", "share_of_stage_time")
+_ANCHOR_TERMS = {"anchor_kl": "kl", "anchor_direction": "direction"}
+# seconds spent outside the training steps: (mechanism, key)
+_SIDE_SECONDS = {"teacher_seconds": ("anchor", "teacher_seconds"),
+                 "sensitivity_seconds": ("allocation", "sensitivity_seconds"),
+                 "merge_seconds": ("merge", "seconds"), "direction_seconds": ("refusal_direction", "seconds")}
 
 
 def _cell(record: RunRecord, checkpoint: str, column: str, score: float | None) -> dict:
@@ -61,6 +70,73 @@ def transfer(m: RetentionMatrix) -> dict[str, float | None]:
     return out
 
 
+def _terms(metrics: dict) -> dict[str, dict]:
+    """The stage's extra loss terms (``train.terms``) without their per-step values."""
+    terms = (metrics.get("train") or {}).get("terms") or {}
+    return {name: {k: t.get(k) for k in _TERM_KEYS} for name, t in terms.items() if isinstance(t, dict)}
+
+
+def stage_mechanisms(st: StageRecord) -> dict:
+    """What this stage used to keep safety, with its key numbers, copied from metrics.json:
+
+    - every entry of ``mechanisms`` (replay, anchor, replay_distill, allocation, merge, ...),
+      list values left out (merge.scaled_modules: ``scaled`` counts them);
+    - ``anchor.loss``: ``kl`` / ``direction`` after its loss term, None when the anchors only
+      served safety-aware allocation;
+    - ``allocation`` {rule: safety-aware} also when only ``calibration.allocation`` says so;
+    - ``refusal_direction`` of the safety stage;
+    - ``repair`` {of, attempt, steps, density} for a repair pass of the gate.
+
+    {} = a plain stage."""
+    metrics = st.metrics or {}
+    out = {name: {k: v for k, v in mech.items() if not isinstance(v, list)}
+           for name, mech in (metrics.get("mechanisms") or {}).items() if isinstance(mech, dict)}
+    if "anchor" in out:
+        used = [loss for term, loss in _ANCHOR_TERMS.items() if term in _terms(metrics)]
+        out["anchor"]["loss"] = used[0] if used else ("direction" if "direction_layer" in out["anchor"] else None)
+    if "allocation" not in out and (metrics.get("calibration") or {}).get("allocation") == "safety-aware":
+        out["allocation"] = {"rule": "safety-aware"}
+    if isinstance(metrics.get("refusal_direction"), dict):
+        out["refusal_direction"] = dict(metrics["refusal_direction"])
+    if st.repair_of is not None:
+        out["repair"] = {"of": st.repair_of, "attempt": st.attempt,
+                         "steps": (metrics.get("train") or {}).get("steps"), "density": (st.mask or {}).get("density")}
+    return out
+
+
+def _sum(values) -> float | None:
+    values = [v for v in values if isinstance(v, int | float)]
+    return round(sum(values), 6) if values else None
+
+
+def stage_cost(st: StageRecord, mechanisms: dict, train_seconds: float | None) -> dict:
+    """What the mechanisms cost the stage, in seconds:
+
+    - ``train_seconds``: the whole training of the stage (loss terms included);
+    - ``terms``: each extra loss term (anchor_kl, anchor_direction, replay_distill) with its
+      seconds, seconds_per_step, share_of_stage_time and its mean / last value; their sums
+      ``terms_seconds_per_step`` and ``terms_share_of_stage_time``;
+    - work outside the steps: ``teacher_seconds`` (anchor responses), ``sensitivity_seconds``
+      (safety-aware allocation), ``merge_seconds``, ``direction_seconds`` (refusal direction);
+    - ``extra_seconds``: the loss terms' seconds plus that work (None when nothing was used)."""
+    terms = _terms(st.metrics or {})
+    out: dict = {"train_seconds": train_seconds, "terms": terms,
+                 "terms_seconds_per_step": _sum(t["seconds_per_step"] for t in terms.values()),
+                 "terms_share_of_stage_time": _sum(t["share_of_stage_time"] for t in terms.values())}
+    for key, (mech, field) in _SIDE_SECONDS.items():
+        out[key] = (mechanisms.get(mech) or {}).get(field)
+    out["extra_seconds"] = _sum([*(t["seconds"] for t in terms.values()), *(out[k] for k in _SIDE_SECONDS)])
+    return out
+
+
+def run_cost(stages: list[dict]) -> dict:
+    """Totals over the run's stages: ``train_seconds``, mechanisms' ``extra_seconds``, and
+    ``repair_seconds`` (training time of the gate's repair passes); None when nothing counted."""
+    return {"train_seconds": _sum(st["cost"]["train_seconds"] for st in stages),
+            "extra_seconds": _sum(st["cost"]["extra_seconds"] for st in stages),
+            "repair_seconds": _sum(st["cost"]["train_seconds"] for st in stages if st["repair_of"])}
+
+
 def _stage(record: RunRecord, st: StageRecord, rule: DriftRule, current: bool = False) -> dict:
     """One stage's numbers and verdict; ``current``: the stage a running run is working on."""
     m = record.matrix
@@ -70,7 +146,8 @@ def _stage(record: RunRecord, st: StageRecord, rule: DriftRule, current: bool = 
     if current and state == "pending":
         state = "started"  # the run is loading the model or data of this stage
     out: dict = {"index": st.index, "name": st.name, "kind": st.kind, "state": state,
-                 "rolled_back": st.rolled_back, "dir": str(st.dir) if st.dir else None}
+                 "rolled_back": st.rolled_back, "dir": str(st.dir) if st.dir else None,
+                 "repair_of": st.repair_of, "attempt": st.attempt, "adopted_from": st.adopted_from}
     if has_row:
         after_safety = safety in m.stages and m.stages.index(st.name) > m.stages.index(safety)
         out.update(refusal=m.get(st.name, "refusal"), over_refusal=m.get(st.name, "over_refusal"),
@@ -101,6 +178,8 @@ def _stage(record: RunRecord, st: StageRecord, rule: DriftRule, current: bool = 
     mask = st.mask
     out["mask"] = None if mask is None else {k: mask.get(k) for k in _MASK_KEYS}
     out["mask_file"] = str(st.mask_path) if st.mask_path else None
+    out["mechanisms"] = stage_mechanisms(st)
+    out["cost"] = stage_cost(st, out["mechanisms"], out["train_seconds"])
     return out
 
 
@@ -119,15 +198,18 @@ def audit_run(record: RunRecord, rule: DriftRule | None = None) -> dict:
     current = None
     if record.status == "running":
         current = next((st for st in record.stages if st.state != "checked"), None)
+    stages = [_stage(record, st, rule, current=st is current) for st in record.stages]
     return {
         "name": record.name, "run_dir": str(record.path), "status": record.status,
         "method": record.method, "model": record.model,
         "halted_at": info.get("halted_at"), "reasons": info.get("reasons") or [],
         "started": info.get("started"), "ended": info.get("ended"),
+        "started_from": record.started_from,
         "gate": record.gate_config, "rule": rule.to_dict(),
         "columns": m.columns if m is not None else [],
         "matrix": matrix_rows(record),
-        "stages": [_stage(record, st, rule, current=st is current) for st in record.stages],
+        "stages": stages,
+        "cost": run_cost(stages),
         "summary": summary,
         "warnings": list(record.warnings),
     }

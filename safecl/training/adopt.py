@@ -86,6 +86,8 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         keep = RetentionMatrix(safety_stage=recipe.stages[0].name)
         keep.rows = [r for r in old.rows if r["stage"] in {BASE, *names[:k + 1]}]
         keep.save(out / FILENAME)
+        if (src / "base_check.json").is_file():  # the base row's n, interval and samples
+            shutil.copy2(src / "base_check.json", out / "base_check.json")
     return {"run": str(src), "stage": stage_name, "stages": names[:k + 1],
             "retention_rows": "copied" if same_check else "re-measured (retention settings differ)",
             "entries": finished[:k + 1]}
