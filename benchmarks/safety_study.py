@@ -113,6 +113,10 @@ def collect(out: Path) -> dict:
     }
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _fmt(cell: dict | None) -> str:
     if not cell:
         return "-"
@@ -130,7 +134,7 @@ def write_table(results: dict, out: Path) -> None:
     for key, r in sorted(results.items(), key=lambda kv: (list(CONFIGS).index(kv[1]["config"]), kv[1]["seed"])):
         extra = sum(t.get("seconds_per_step") or 0 for t in r["terms"].values())
         lines.append(f"| {r['config']} | {r['seed']} | {_fmt(r['refusal_after_safety'])} | {_fmt(r['refusal'])} | "
-                     f"{r['retention']:.2f} | {_fmt(r['over_refusal_after_safety'])} | {_fmt(r['over_refusal'])} | "
+                     f"{_num(r['retention'])} | {_fmt(r['over_refusal_after_safety'])} | {_fmt(r['over_refusal'])} | "
                      f"{_fmt(r['gsm8k'])} | {r['task_train_seconds']:.0f} | {extra:.2f} | "
                      f"{r['check_seconds'] or 0:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
             results[f"{name}/s{seed}"] = {"config": name, "seed": seed, **collect(out)}
             write_table(results, args.out)
             r = results[f"{name}/s{seed}"]
-            log(f"  {name} s{seed}: refusal {_fmt(r['refusal'])}, retention {r['retention']:.2f}, "
+            log(f"  {name} s{seed}: refusal {_fmt(r['refusal'])}, retention {_num(r['retention'])}, "
                 f"over-refusal {_fmt(r['over_refusal'])}, gsm8k {_fmt(r['gsm8k'])}")
     return 0
 
