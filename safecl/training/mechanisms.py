@@ -149,3 +149,20 @@ def safety_merge(ctx, index: int, before: dict, safety_B: dict) -> dict | None:
     return {"threshold": cfg.threshold, "scale": cfg.scale, "modules": len(B), "scaled": len(result["scaled"]),
             "scaled_modules": result["scaled"][:50], "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
             "cosine_max": float(cos.max()), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def after_training(ctx, index: int, before: dict, safety_B: dict, base_dir: Path, sdir: Path, metrics: dict,
+                   echo) -> dict:
+    """After a stage's commit: the refusal direction (safety stage) or the safety merge (task
+    stage with ``merge``); returns B after the safety stage (the merge's reference)."""
+    if index == 0:
+        direction = compute_direction(ctx, base_dir, sdir)
+        if direction is not None:
+            metrics["refusal_direction"] = direction
+        return {n: layer.B_frozen.detach().clone() for n, layer in ctx.layers.items()}
+    merged = safety_merge(ctx, index, before, safety_B)
+    if merged is not None:
+        metrics.setdefault("mechanisms", {})["merge"] = merged
+        echo(f"[safecl] safety merge: {merged['scaled']}/{merged['modules']} modules scaled by {merged['scale']:g} "
+             f"(update cosine to the safety stage's: min {merged['cosine_min']:.3f}, mean {merged['cosine_mean']:.3f})")
+    return safety_B

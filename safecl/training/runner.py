@@ -29,8 +29,8 @@ from safecl.recipe.schema import Recipe
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
-from safecl.training.mechanisms import (DIRECTION_FILE, apply_replay, build_terms, check_sources, compute_direction,
-                                        safety_merge)
+from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_terms, check_sources,
+                                        compute_direction)
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, load_checkpoint, load_stage_adapter
 from safecl.training.repair import repair
@@ -153,11 +153,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         stage = recipe.stages[plan.index]
         sdir = stage_dir(out, plan.index, stage.name)
         if stage.name in done:  # completed before: rebuild, never recompute
-            repaired = [e for e in run_info["stages"] if e.get("repair_of") == stage.name]
-            load_stage_adapter(layers, (out / repaired[-1]["dir"] if repaired else sdir) / "adapter")
-            for d in [sdir, *(out / e["dir"] for e in repaired)]:
-                if (d / "mask.safetensors").is_file():
-                    owned.append(load_mask(d / "mask.safetensors"))
+            _rebuild_stage(ctx, run_info, plan.index, sdir, owned)
             if plan.index == 0:
                 safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
                 if recipe.refusal_direction is not None and not (sdir / DIRECTION_FILE).is_file():
@@ -181,16 +177,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
                                                     "examples": plan.examples, **settings.model_dump()})
         terms, sensitivity = build_terms(ctx, plan.index, examples, base_dir, metrics)
         mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity)
-        if plan.index == 0:
-            direction = compute_direction(ctx, base_dir, sdir)
-            if direction is not None:
-                metrics["refusal_direction"] = direction
-            safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
-        merged = safety_merge(ctx, plan.index, before, safety_B)
-        if merged is not None:
-            metrics.setdefault("mechanisms", {})["merge"] = merged
-            echo(f"[safecl] safety merge: {merged['scaled']}/{merged['modules']} modules scaled by {merged['scale']:g} "
-                 f"(update cosine to the safety stage's: min {merged['cosine_min']:.3f}, mean {merged['cosine_mean']:.3f})")
+        safety_B = after_training(ctx, plan.index, before, safety_B, base_dir, sdir, metrics, echo)
         save_stage = _stage_writer(main, layers, recipe, sdir, stage, plan)
         save_stage(metrics, mask)
         echo(f"[safecl] stage {plan.index} '{stage.name}' trained: loss {metrics['train']['first_loss']:.4f} -> "
@@ -238,6 +225,16 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     mlflow.end("completed")
     accelerator.wait_for_everyone()
     return RunResult(out, "completed", run_info["stages"], model=model, tokenizer=tokenizer, main=main)
+
+
+def _rebuild_stage(ctx: RunContext, run_info: dict, index: int, sdir: Path, owned: list[dict]) -> None:
+    """Load a completed stage (after its last repair pass, if any) and its masks into ``owned``."""
+    name = ctx.recipe.stages[index].name
+    repaired = [e for e in run_info["stages"] if e.get("repair_of") == name]
+    load_stage_adapter(ctx.layers, (ctx.out / repaired[-1]["dir"] if repaired else sdir) / "adapter")
+    for d in [sdir, *(ctx.out / e["dir"] for e in repaired)]:
+        if (d / "mask.safetensors").is_file():
+            owned.append(load_mask(d / "mask.safetensors"))
 
 
 def _stage_writer(main: bool, layers, recipe: Recipe, sdir: Path, stage, plan):
