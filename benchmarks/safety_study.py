@@ -137,7 +137,25 @@ def write_table(results: dict, out: Path) -> None:
                      f"{_num(r['retention'])} | {_fmt(r['over_refusal_after_safety'])} | {_fmt(r['over_refusal'])} | "
                      f"{_fmt(r['gsm8k'])} | {r['task_train_seconds']:.0f} | {extra:.2f} | "
                      f"{r['check_seconds'] or 0:.0f} |")
+    lines += ["", "| configuration | seeds | retention mean (min-max) | refusal after GSM8K | over-refusal change "
+              "(after GSM8K - after safety) | GSM8K exact match | extra s/step |", "|---|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        rs = [r for r in results.values() if r["config"] == name]
+        if not rs:
+            continue
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        ret = [r["retention"] for r in rs if r["retention"] is not None]
+        change = [r["over_refusal"]["score"] - r["over_refusal_after_safety"]["score"] for r in rs]
+        extra = [sum(t.get("seconds_per_step") or 0 for t in r["terms"].values()) for r in rs]
+        lines.append(f"| {name} | {len(rs)} | {mean(ret):.2f} ({min(ret):.2f}-{max(ret):.2f}) | "
+                     f"{mean([r['refusal']['score'] for r in rs]):.2f} | {mean(change):+.2f} | "
+                     f"{mean([r['gsm8k']['score'] for r in rs]):.3f} | {mean(extra):.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def rewrite(out: Path) -> None:
+    """Rewrite the .md from the .json (after a change of this script's table)."""
+    write_table(json.loads(out.with_suffix(".json").read_text()), out)
 
 
 def main(argv=None) -> int:
@@ -148,10 +166,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "safety_study")
     ap.add_argument("--list", action="store_true", help="print the configurations and exit")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the .md table from the .json and exit")
     args = ap.parse_args(argv)
     if args.list:
         for name, over in CONFIGS.items():
             print(f"{name:<24} {' '.join(over)}")
+        return 0
+    if args.table_only:
+        rewrite(args.out)
         return 0
     args.runs.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
