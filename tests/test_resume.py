@@ -27,8 +27,29 @@ def finish(proc, timeout=600):
     return proc.returncode, out, err
 
 
+KEEP_SAFETY = ["stages.1.anchor={limit: 8, tokens: 4}", "stages.1.replay={share: 0.2, distill: 1.0}",
+               "stages.2.anchor={limit: 8, tokens: 4}"]
+
+
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path):
+    _kill_and_resume(tmp_path, FAST)
+
+
+def test_sigkill_mid_stage_with_anchors_and_replay_resumes_identically(tmp_path):
+    """The anchors' teacher answers, their batches and the replay mix are rebuilt identically on
+    resume, so losses, anchor-term values, masks and adapters match the uninterrupted run."""
+    ref, cut = _kill_and_resume(tmp_path, FAST + KEEP_SAFETY)
+    for d in ["01-arithmetic", "02-sentiment"]:
+        ma, mb = (json.loads((x / "stages" / d / "metrics.json").read_text()) for x in (ref, cut))
+        assert set(ma["train"]["terms"]) >= {"anchor_kl"}
+        for name, term in ma["train"]["terms"].items():
+            assert term["values"] == mb["train"]["terms"][name]["values"] and len(term["values"]) == 12
+        assert ma["mechanisms"]["anchor"]["anchors"] == mb["mechanisms"]["anchor"]["anchors"] == 8
+
+
+def _kill_and_resume(tmp_path, overrides):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
+    FAST = overrides
     rc, _, err = finish(cli(f"output_dir={ref}", *FAST))
     assert rc == 0, err[-2000:]
 
@@ -60,6 +81,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path):
     final = json.loads((cut / "run.json").read_text())
     assert final["status"] == "completed" and final["resumed"] == 1
     assert final["mlflow"]["parent_run_id"] == run["mlflow"]["parent_run_id"]  # the same MLflow run continues
+    return ref, cut
 
 
 def test_resume_refuses_unsafe_changes_and_accepts_eval_changes(tmp_path):
