@@ -177,12 +177,22 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="Merge PEFT LoRA adapters (concat or linear), as in LoRI's merging experiments.")
     cp = sub.add_parser("compact", help="Write a lori-s run in compact form (values + indices; A rebuilt from the seed), "
                         "or expand one back to a PEFT adapter.")
-    if argv_command in ("merge", "compact"):  # these load torch: only when asked for
+    co = sub.add_parser("compose", help="Write any subset of a lori-s/lori-d run's stages as one PEFT LoRA adapter "
+                        "(e.g. safety + one task).")
+    ck = sub.add_parser("check", help="The retention check (refusal, over-refusal, task scores) on any model, with or "
+                        "without a PEFT LoRA adapter.")
+    if argv_command in ("merge", "compact", "compose"):  # these load torch: only when asked for
         from safecl.adapters.compact import configure_compact_parser
+        from safecl.adapters.compose import configure_compose_parser
         from safecl.adapters.merge import configure_merge_parser
 
         configure_merge_parser(mg)
         configure_compact_parser(cp)
+        configure_compose_parser(co)
+    if argv_command == "check":
+        from safecl.audit.check import configure_check_parser
+
+        configure_check_parser(ck)
     d = sub.add_parser("data", help="Data sets safecl knows by name.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dl = dsub.add_parser("list", help="List the built-in data sets with their splits, sizes and licenses.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,14 +46,20 @@ def adapter_tensors(layers: dict[str, LoRILinear]) -> dict[str, torch.Tensor]:
 
 def write_peft_adapter(tensors: dict[str, torch.Tensor], directory: str | Path, *, rank: int, alpha: float,
                        targets: list[str], base_model: str | None, dropout: float = 0.0,
-                       metadata: dict[str, str] | None = None) -> Path:
-    """Write PEFT-keyed LoRA tensors as adapter_config.json + adapter_model.safetensors, atomically."""
+                       metadata: dict[str, str] | None = None,
+                       finish: Callable[[Path], None] | None = None) -> Path:
+    """Write PEFT-keyed LoRA tensors as adapter_config.json + adapter_model.safetensors, atomically.
+
+    ``finish(tmp)``: called with the temporary directory once both files are in it, to add
+    more files (a provenance record) that appear in the same atomic swap."""
     from peft import LoraConfig
 
     with atomic_directory(directory) as tmp:
         LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
                    base_model_name_or_path=base_model, bias="none").save_pretrained(tmp)
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **(metadata or {})})
+        if finish is not None:
+            finish(tmp)
     return Path(directory)
 
 
