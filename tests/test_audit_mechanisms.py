@@ -100,20 +100,20 @@ def test_json_mechanisms_and_cost_equal_the_metrics(mech, capsys):
     for name, term in train_["terms"].items():
         assert cost["terms"][name] == {k: term[k] for k in TERM_KEYS}
     terms = train_["terms"].values()
-    assert cost["terms_seconds_per_step"] == pytest.approx(sum(t["seconds_per_step"] for t in terms))
-    assert cost["terms_share_of_stage_time"] == pytest.approx(sum(t["share_of_stage_time"] for t in terms))
+    assert cost["terms_seconds_per_step"] == pytest.approx(sum(t["seconds_per_step"] for t in terms), abs=1e-5)  # 6 decimals
+    assert cost["terms_share_of_stage_time"] == pytest.approx(sum(t["share_of_stage_time"] for t in terms), abs=1e-5)
     assert cost["teacher_seconds"] == mechs["anchor"]["teacher_seconds"]
     assert cost["merge_seconds"] == mechs["merge"]["seconds"]
     assert cost["sensitivity_seconds"] is None and cost["direction_seconds"] is None
     assert cost["extra_seconds"] == pytest.approx(sum(t["seconds"] for t in terms) + mechs["anchor"]["teacher_seconds"]
-                                                  + mechs["merge"]["seconds"])
+                                                  + mechs["merge"]["seconds"], abs=1e-5)
     safety = stage_of(doc, "safety")
     assert safety["mechanisms"] == {} and safety["cost"]["extra_seconds"] is None
     assert safety["repair_of"] is None and st["repair_of"] is None and safety["adopted_from"] is None
     run = doc["runs"][0]
     assert run["started_from"] is None
     safety_seconds = metrics(mech, "safety", 0)["train"]["seconds"]
-    assert run["cost"]["train_seconds"] == pytest.approx(train_["seconds"] + safety_seconds)
+    assert run["cost"]["train_seconds"] == pytest.approx(train_["seconds"] + safety_seconds, abs=1e-5)
     assert run["cost"]["extra_seconds"] == cost["extra_seconds"] and run["cost"]["repair_seconds"] is None
 
 
