@@ -2,7 +2,7 @@
 repair stages and where a run started from.
 
 Built on a real tiny run with replay (+ distillation), a KL refusal anchor and the safety merge
-(RECIPE), and a real second run started from its safety stage (``--from``). A repair stage and
+(``recipe_text``), and a real second run started from its safety stage (``--from``). A repair stage and
 the mechanisms the tiny run does not use (refusal direction, direction anchor, safety-aware
 allocation) are hand-added to copies, in the format the trainer writes (see
 safecl/training/repair.py and safecl/training/mechanisms.py); each such test says so."""
@@ -20,27 +20,11 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_audit import audit, audit_json, copy_run, read, write
+from tests.test_keep_safety_runs import BASE, MECHANISMS
 
-RECIPE = """\
-seed: 0
-output_dir: {out}
-model: {{name: builtin:tiny-llama}}
-adapter: {{method: lori-s, rank: 4, alpha: 8, density: 0.2, calibration_steps: 1}}
-train: {{lr: 1.0e-2, max_steps: 3, batch_size: 4, max_seq_len: 128}}
-stages:
-  - {{name: safety, kind: safety, data: {{source: builtin:safety, limit: 16}}}}
-  - name: arithmetic
-    kind: task
-    data: {{source: builtin:arithmetic, limit: 16}}
-    eval: {{source: builtin:arithmetic, split: test, limit: 2}}
-    replay: {{share: 0.2, distill: 1.0}}
-    anchor: {{limit: 8, tokens: 4}}
-    merge: {{threshold: 0.5, scale: 0.5}}
-retention:
-  harmful: {{source: builtin:harmful-eval, limit: 4}}
-  benign: {{source: builtin:benign-eval, limit: 4}}
-  max_new_tokens: 4
-"""
+# the mechanism run of tests/test_keep_safety_runs.py: replay + distill, a KL anchor, the merge
+def recipe_text(out: Path) -> str:
+    return BASE.format(out=out, allocation="magnitude", task_extra=MECHANISMS, rest="")
 TERM_KEYS = ("mean", "last", "seconds", "seconds_per_step", "share_of_stage_time")
 
 
@@ -54,7 +38,7 @@ def train(recipe: Path, *args: str) -> None:
 def recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mechanisms")
     path = root / "mechanisms.yaml"
-    path.write_text(RECIPE.format(out=root / "run"))
+    path.write_text(recipe_text(root / "run"))
     return path
 
 
