@@ -67,7 +67,8 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
     mine = recipe.model_dump(mode="json")
     if k >= len(recipe.stages) - 1:
         raise TrainingError(f"start_from: stage {stage_name!r} is stage {k} and this recipe has no stage after it")
-    diffs = _compare(source, mine, ["model", "adapter", "seed"])
+    diffs = [d for d in _compare(source, mine, ["model", "adapter", "seed"])
+             if not d.startswith("adapter.allocation")]  # only chooses later stages' masks
     for i in range(k + 1):
         s_stage = {key: v for key, v in source["stages"][i].items() if key not in _STAGE_FREE}
         m_stage = {key: v for key, v in mine["stages"][i].items() if key not in _STAGE_FREE}
