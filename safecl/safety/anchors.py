@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from safecl.adapters import stage_switched_off
 from safecl.data.formatting import IGNORE, Encoded, collate, render
+from safecl.safety.direction import unit
 
 
 def encode_anchor(tokenizer, prompt: list[dict], response: str, tokens: int, max_len: int = 512) -> Encoded | None:
@@ -114,8 +115,7 @@ class DirectionAnchor:
         self.layers, self.prompts, self.weight = layers, prompts, weight
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         self.layer = int(direction["best_layer"]) if layer is None else layer
-        r = direction["direction"][self.layer].float()
-        self.r = r / r.norm().clamp_min(1e-12)
+        self.r = unit(direction["direction"][self.layer].float())
         gap = float(direction["harmful_mean"][self.layer] - direction["harmless_mean"][self.layer])
         self.sigma = max(abs(gap), 1e-6)
 

@@ -22,6 +22,7 @@ from safecl.recipe.schema import Recipe
 from safecl.safety.anchors import DirectionAnchor, KLAnchor, encode_anchor, prompt_part
 from safecl.safety.direction import load_direction, refusal_direction, save_direction
 from safecl.safety.sensitivity import safety_sensitivity
+from safecl.training.rundir import stage_dir
 
 DIRECTION_FILE = "refusal_direction.safetensors"
 
@@ -89,7 +90,7 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) 
         terms.append(KLAnchor("anchor_kl", ctx.layers, anchors, a.weight, a.batch_size, pad, seed))
     elif stage.anchor is not None:
         a = stage.anchor
-        direction = load_direction(ctx.out / "stages" / _safety_dir(ctx) / DIRECTION_FILE)
+        direction = load_direction(stage_dir(ctx.out, 0, recipe.stages[0].name) / DIRECTION_FILE)
         term = DirectionAnchor(ctx.layers, [prompt_part(x) for x in anchors], direction, a.weight, a.batch_size,
                                pad, seed)
         info["anchor"]["direction_layer"] = term.layer
@@ -110,10 +111,6 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) 
     if info:
         metrics["mechanisms"] = {**metrics.get("mechanisms", {}), **info}
     return terms, sensitivity
-
-
-def _safety_dir(ctx) -> str:
-    return f"00-{ctx.recipe.stages[0].name}"
 
 
 def compute_direction(ctx, base_dir: Path, sdir: Path) -> dict | None:
