@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +23,17 @@ examples:
   safecl train recipes/quickstart.yaml --dry-run          show the resolved recipe and stage plan
   safecl train recipe.yaml train.lr=1e-4 stages.1.epochs=2   override keys (dotted path=YAML value)
   safecl train recipe.yaml output_dir=runs/try2 adapter.method=lora
-  safecl train recipe.yaml --resume                       continue after a crash or Ctrl-C
+  safecl train recipe.yaml --resume                       continue after a crash, Ctrl-C or SIGKILL
+  safecl train recipe.yaml --resume --restart-from gsm8k  retrain a stage (and the later ones) of a run
   safecl train recipe.yaml --num-processes 2              data parallel through accelerate
   safecl train recipe.yaml --from runs/safety-s0:safety   reuse a finished safety stage of another run
 
 overrides: any key of the recipe, list items by index (stages.0.data.limit=64). Values are
 parsed as YAML: numbers, true/false, [a, b] lists. `safecl schema` prints every key.
 exit codes: 0 done, 2 bad input (the message names file, line and key), 3 the retention gate
-halted the run. Results: <output_dir>/ (see README "The run directory"); `safecl audit` reads it.
+halted the run, 130 interrupted (the message names the command that continues it).
+Results: <output_dir>/ (see README "The run directory"); `safecl audit` reads it. One process
+writes a run directory at a time (a second one is refused with exit 2).
 """
 
 
@@ -78,11 +82,29 @@ def cmd_train(args) -> int:
         if rc != 0 and run_json.is_file() and json.loads(run_json.read_text()).get("status") == "halted":
             return 3  # the launcher reports 1 for any failed worker; the gate's own code is 3
         return rc
-    result = run_recipe(recipe, args.recipe, resume=args.resume)
+    command = train_command(args)
+    try:
+        result = run_recipe(recipe, args.recipe, resume=args.resume, restart_from=args.restart_from, command=command)
+    except KeyboardInterrupt:
+        print(f"safecl: interrupted; committed stages are safe in {recipe.output_dir}. Continue with: {command} --resume",
+              file=sys.stderr)
+        return 130
     if result.main:
         print(f"[safecl] run {result.status}: {result.output_dir}")
         print(stage_table(result.output_dir))
     return 0
+
+
+def train_command(args) -> str:
+    """The user's train command line without --resume/--restart-from (to name in messages)."""
+    words = ["safecl", "train", args.recipe, *args.overrides]
+    if args.start_from:
+        words += ["--from", args.start_from]
+    if args.num_processes > 1:
+        words += ["--num-processes", str(args.num_processes)]
+    if args.accelerate_config:
+        words += ["--accelerate-config", args.accelerate_config]
+    return shlex.join(words)
 
 
 def stage_table(out: Path) -> str:
@@ -121,6 +143,8 @@ def relaunch(args) -> int:
         cmd += ["--from", args.start_from]
     if args.resume:
         cmd.append("--resume")
+    if args.restart_from:
+        cmd += ["--restart-from", args.restart_from]
     print(f"[safecl] relaunching: {' '.join(cmd[2:])}", flush=True)
     return subprocess.call(cmd)
 
@@ -157,6 +181,9 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir: completed stages are kept, an interrupted stage continues "
                    "from its last checkpoint (train.checkpoint_every); only eval settings may have changed")
+    t.add_argument("--restart-from", metavar="STAGE",
+                   help="with --resume: train STAGE and every later stage again (earlier stages stay as committed); "
+                   "what to run when a committed file of STAGE is damaged")
     t.add_argument("--from", dest="start_from", metavar="RUN_DIR:STAGE",
                    help="start from a finished stage of another run (its adapter, masks, retention rows): the "
                    "recipe's stages up to STAGE must match that run's; training goes on with the next stage")

@@ -12,15 +12,23 @@ Child run per stage: the stage's settings as params; ``train.loss`` and ``train.
 optimizer step, ``calibration.loss`` per calibration step; retention metrics with their n and
 interval; mask statistics; timings; ``metrics.json`` and ``mask.safetensors`` as artifacts and
 the adapter path as a tag. The run ids are kept in run.json so a resumed run continues them.
+
+The default SQLite store is created atomically: its schema migrations run on a temporary file
+that is renamed to ``mlflow.db`` only when they are done, so an interrupt during creation
+leaves no half-built store (a leftover temporary file is removed by the next run). A
+``mlflow.db`` in a directory whose run never started (no run.json) holds nothing the run needs;
+if it cannot be opened it is rebuilt.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 from safecl.config import Section, flatten_keys
+from safecl.faults import fault_point
 
 
 class TrackingConfig(Section):
@@ -34,6 +42,31 @@ class TrackingConfig(Section):
 def flatten(data) -> dict[str, str]:
     """Dotted-key MLflow params (values as text, cut to MLflow's 6000-character limit)."""
     return {k: str(v)[:6000] for k, v in flatten_keys(data).items()}
+
+
+def open_local_store(db: Path, started: bool):
+    """An MlflowClient on the SQLite file ``db``, creating it atomically when it is missing (see
+    the module doc). ``started``: a run already recorded itself in this directory, so an
+    existing store is never rebuilt."""
+    from mlflow.tracking import MlflowClient
+
+    for stale in db.parent.glob(f".{db.name}.*.tmp*"):  # and its -journal
+        stale.unlink(missing_ok=True)
+    if db.is_file() and not started:
+        try:
+            return MlflowClient(tracking_uri=f"sqlite:///{db}")
+        except Exception:  # a store from before atomic creation, cut during its migrations: holds no run
+            db.unlink()
+    if not db.is_file():
+        fault_point("store")
+        tmp = db.with_name(f".{db.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            MlflowClient(tracking_uri=f"sqlite:///{tmp}")  # runs the schema migrations
+            fault_point("store.migrated")
+            os.replace(tmp, db)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
 
 
 def metric_key(name: str) -> str:
@@ -55,7 +88,10 @@ class Tracker:
 
         out = Path(out).resolve()
         self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=self.uri)
+        if self.uri == f"sqlite:///{out / 'mlflow.db'}":
+            self.client = open_local_store(out / "mlflow.db", started=(out / "run.json").is_file())
+        else:
+            self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
         if exp is None:
             artifacts = (out / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None

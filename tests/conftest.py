@@ -31,3 +31,17 @@ def arithmetic_file(tmp_path) -> Path:
     rows = [{"instruction": f"What is {i} plus {i + 1}?", "input": "", "output": f"The answer is {2 * i + 1}.",
              "answer": str(2 * i + 1)} for i in range(40)]
     return write_jsonl(tmp_path / "arith.jsonl", rows)
+
+
+def recommit(run) -> None:
+    """Record the current checksums of a run's stage files in its run.json, for tests that
+    fabricate or edit committed files on purpose (safecl would otherwise call them damaged)."""
+    import json
+
+    from safecl.integrity import digests
+
+    info_path = Path(run) / "run.json"
+    info = json.loads(info_path.read_text())
+    for entry in info.get("stages", []):
+        entry["files"] = digests(Path(run) / entry["dir"])
+    info_path.write_text(json.dumps(info, indent=2))

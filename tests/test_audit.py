@@ -15,7 +15,7 @@ import pytest
 
 from safecl.audit.cli import main
 from safecl.audit.plots import FIGURES
-from tests.conftest import ROOT, SMOKE
+from tests.conftest import ROOT, SMOKE, recommit
 
 # the smoke recipe, cut down to seconds: 2 steps a stage, 4 prompts a set, 4 new tokens
 FAST = ["train.max_steps=2", "adapter.calibration_steps=1", "retention.harmful.limit=4", "retention.benign.limit=4",
@@ -57,7 +57,11 @@ def read(path: Path):
 
 
 def write(path: Path, data) -> None:
+    """Write JSON into a run; a stage file edited on purpose gets its run's checksums refreshed
+    (these tests fabricate run states; safecl would otherwise call the edited stage damaged)."""
     path.write_text(json.dumps(data, indent=2))
+    if path.parent.parent.name == "stages" and (path.parent.parent.parent / "run.json").is_file():
+        recommit(path.parent.parent.parent)
 
 
 def copy_run(smoke: Path, dest: Path) -> Path:

@@ -39,6 +39,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from safecl.integrity import verify_run
 from safecl.adapters.export import load_adapter_tensors, load_mask, module_name, peft_key, write_peft_adapter
 from safecl.adapters.layer import seeded_projection
 from safecl.errors import SafeclError
@@ -204,6 +205,7 @@ def save_compact(run_dir: str | Path, path: str | Path | None = None) -> Path:
                           "runs (lora trains A, lori-d has a dense B)")
     seed = recipe["seed"] if adapter.get("seed") is None else adapter["seed"]
     stages = _run_stages(run_dir)
+    verify_run(run_dir, only=stages)
     config = json.loads((stages[-1] / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     final = load_adapter_tensors(stages[-1] / "adapter")
     masks = [load_mask(d / "mask.safetensors") for d in stages]

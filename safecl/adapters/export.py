@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from safecl.adapters.layer import LoRILinear
 from safecl.atomic import atomic_directory
+from safecl.errors import SafeclError
 
 PREFIX = "base_model.model."
 
@@ -71,8 +72,20 @@ def save_peft_adapter(layers: dict[str, LoRILinear], directory: str | Path, *, r
                               base_model=base_model, dropout=dropout, metadata={"safecl": json.dumps(extra or {})})
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``load_file`` that names the file when it is missing or damaged (SafeclError, exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafeclError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise SafeclError(f"{path}: not a readable safetensors file ({exc}); it is damaged (truncated or "
+                          "overwritten)") from None
+
+
 def load_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(directory) / "adapter_model.safetensors")
+    return read_safetensors(Path(directory) / "adapter_model.safetensors")
 
 
 def save_mask(mask: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -84,4 +97,4 @@ def save_mask(mask: dict[str, torch.Tensor], path: str | Path) -> Path:
 
 
 def load_mask(path: str | Path) -> dict[str, torch.Tensor]:
-    return {module_name(k): v for k, v in load_file(Path(path)).items()}
+    return {module_name(k): v for k, v in read_safetensors(path).items()}

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from safecl.adapters.export import module_name, peft_key
+from safecl.adapters.export import module_name, peft_key, read_safetensors
 from safecl.atomic import atomic_directory
 from safecl.errors import SafeclError
+from safecl.integrity import verify_adapter
 
 METHODS = ("concat", "linear")
 CONFIG = "adapter_config.json"
@@ -81,9 +82,10 @@ def read_adapter(path: str | Path) -> Adapter:
     """Read and check a PEFT LoRA adapter; raises SafeclError naming the directory on anything
     that cannot be merged (not LoRA, DoRA, per-module rank/alpha, extra tensors)."""
     d = resolve_adapter_dir(path)
+    verify_adapter(d)  # a stage of a safecl run: its files as committed
     try:
         config = json.loads((d / CONFIG).read_text(encoding="utf-8"))
-        tensors = load_file(d / WEIGHTS)
+        tensors = read_safetensors(d / WEIGHTS)
     except FileNotFoundError:
         raise SafeclError(f"{d}: missing {WEIGHTS}") from None
     except (json.JSONDecodeError, OSError) as exc:

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from safecl.errors import DataError
+from safecl.integrity import verify_run
 from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 
 RUN_MARKERS = ("run.json", "recipe.resolved.yaml", FILENAME)
@@ -266,6 +267,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         run_info = {}
     recipe = _read_recipe(root / "recipe.resolved.yaml", warnings)
     stages = _stages(root, recipe, run_info, warnings)
+    verify_run(root)  # committed stages: their files as written at commit, or a CorruptStage error
     base_evals = _evals(_read_json(root / "base_check.json", warnings))
     safety = stages[0].name if stages else None
     matrix = None

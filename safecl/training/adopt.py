@@ -24,6 +24,7 @@ from safecl.errors import TrainingError
 from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 from safecl.recipe.base import flatten_keys
 from safecl.recipe.schema import Recipe
+from safecl.integrity import verify_stage
 from safecl.training.rundir import read_json, write_json
 
 # keys of an adopted stage that may differ between the two recipes
@@ -77,6 +78,8 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         raise TrainingError(f"start_from {src}:{stage_name}: the runs differ where they must agree: "
                             + "; ".join(sorted(set(diffs))[:8]))
     for entry in finished[:k + 1]:
+        verify_stage(src / entry["dir"], entry, f"rerun that stage in {src} (safecl train ... --resume --restart-from "
+                                                f"{entry['name']})")
         target = out / entry["dir"]
         if target.exists():
             shutil.rmtree(target)

@@ -27,8 +27,9 @@ from safecl.atomic import atomic_directory
 from safecl.errors import TrainingError
 from safecl.recipe.base import flatten_keys
 
-# Recipe keys whose change does not invalidate what was trained (eval and tracking settings).
-SAFE_TO_CHANGE = ("retention", "gate", "tracking")
+# Recipe keys whose change does not invalidate what was trained (eval and tracking settings, and
+# output_dir: a run directory moved or copied elsewhere resumes where it is).
+SAFE_TO_CHANGE = ("retention", "gate", "tracking", "output_dir")
 
 
 def save_checkpoint(directory: Path, step: int, layers: dict[str, LoRILinear], optimizer, scheduler, loop_state: dict,
@@ -92,5 +93,5 @@ def check_resumable(out: Path, resolved: str) -> None:
     unsafe, _ = recipe_changes(prev.read_text(encoding="utf-8"), resolved)
     if unsafe:
         raise TrainingError(f"--resume: the recipe changed since the run in {out} started; changed keys: "
-                            f"{', '.join(unsafe)}. Only eval settings ({', '.join(SAFE_TO_CHANGE)}, stages.N.eval) "
-                            "may change on resume; start a new output_dir instead")
+                            f"{', '.join(unsafe)}. Only eval settings ({', '.join(SAFE_TO_CHANGE[:3])}, stages.N.eval) "
+                            "and output_dir may change on resume; start a new output_dir instead")

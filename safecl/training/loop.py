@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from safecl.data.formatting import IGNORE, Encoded, collate
 from safecl.errors import TrainingError
+from safecl.faults import fault_point
 from safecl.recipe.schema import TrainSettings
 
 
@@ -170,6 +171,7 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
                                                     "seconds": time.perf_counter() - start,
                                                     "term_values": result.term_values,
                                                     "term_seconds": result.term_seconds})
+        fault_point("step")
     bar.close()
     result.seconds = time.perf_counter() - start
     result.optimizer_state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values()

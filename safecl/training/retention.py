@@ -19,6 +19,7 @@ from safecl.evaluation.generation import generate
 from safecl.evaluation.gate import GateDecision, decide
 from safecl.evaluation.judges import make_judge
 from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
+from safecl.faults import fault_point
 from safecl.recipe.schema import Recipe
 from safecl.training.rundir import stage_dir, write_json
 
@@ -77,6 +78,7 @@ class RetentionTracker:
         result = run_retention_check(self.model, self.tokenizer, self.recipe.retention, tasks, self.base_dir,
                                      self.recipe.seed, self._load_task, judge=self._judge,
                                      generate_fn=self._generate, progress=None if self.main else False)
+        fault_point("check")
         scores = result.scores()
         self.echo(f"[safecl] retention after {label}: " + ", ".join(
             f"{k}={v:.3f}" for k, v in scores.items()) + f" ({result.seconds:.1f}s)")

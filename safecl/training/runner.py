@@ -8,6 +8,7 @@ stages learned stays bit-identical in B_frozen.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ from safecl.adapters.masks import total_entries
 from safecl.data.formatting import encode_all
 from safecl.data.sources import load_examples
 from safecl.errors import GateHalt, TrainingError
+from safecl.faults import fault_point
+from safecl.integrity import digests, verify_stage
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import dump_recipe, recipe_dir
 from safecl.recipe.schema import Recipe
@@ -35,7 +38,7 @@ from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, load_checkpoint, load_stage_adapter
 from safecl.training.repair import repair
 from safecl.training.retention import RetentionTracker
-from safecl.training.rundir import read_json, stage_dir, write_json, write_text
+from safecl.training.rundir import RunLock, read_json, stage_dir, write_json, write_text
 from safecl.training.stage import RunContext, StagePlan, train_stage
 
 
@@ -67,8 +70,9 @@ def make_plan(recipe: Recipe, base_dir: Path) -> tuple[list[StagePlan], list]:
     return plans, datasets
 
 
-def check_output_dir(out: Path, resolved: str, resume: bool) -> None:
-    """Refuse an output_dir that holds a different run; fail early when it is not writable."""
+def check_output_dir(out: Path, resolved: str, resume: bool, command: str) -> None:
+    """Refuse an output_dir that holds a different run; fail early when it is not writable.
+    ``command``: the user's train command without --resume (named in the messages)."""
     prev = out / "recipe.resolved.yaml"
     if resume:
         check_resumable(out, resolved)
@@ -76,9 +80,11 @@ def check_output_dir(out: Path, resolved: str, resume: bool) -> None:
         raise TrainingError(f"output_dir {out} holds a different run (its recipe.resolved.yaml differs); "
                             "choose another output_dir or delete that one")
     elif prev.is_file():
-        status = read_json(out / "run.json").get("status") if (out / "run.json").is_file() else "running"
+        status = read_json(out / "run.json").get("status") if (out / "run.json").is_file() else "interrupted"
+        status = "interrupted" if status == "running" else status  # we hold the lock: nobody is running it
         raise TrainingError(f"output_dir {out} already holds a {status} run of this recipe; "
-                            + ("pass --resume to continue it" if status != "completed" else "choose another output_dir"))
+                            + (f"continue it with: {command} --resume" if status != "completed"
+                               else "choose another output_dir"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -96,22 +102,40 @@ def _silent(message: str) -> None:
     pass
 
 
-def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool = False) -> RunResult:
+def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool = False,
+               restart_from: str | None = None, command: str | None = None) -> RunResult:
     """Run every stage of ``recipe``; returns where the run is and how it ended.
 
     ``resume``: continue the run in ``output_dir``: completed stages are rebuilt from their
-    saved adapters and masks, an interrupted stage continues from its last checkpoint.
+    saved adapters and masks (checksums verified), an interrupted stage continues from its last
+    checkpoint; a directory that holds no run yet (interrupted before it started) is started.
+    ``restart_from``: with ``resume``, retrain this stage and every later one (earlier stages
+    stay as committed, bit for bit). ``command``: the user's command line without --resume,
+    named in messages. The main process holds the run directory's lock throughout.
     Raises GateHalt when the retention gate halts the run (earlier stages stay on disk).
     """
+    out = Path(recipe.output_dir)
+    command = command or f"safecl train {recipe_path}"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    with RunLock(out) if accelerator.is_main_process else nullcontext():
+        return _run(recipe, recipe_path, accelerator, echo, resume, restart_from, command)
+
+
+def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_from: str | None,
+         command: str) -> RunResult:
     base_dir = recipe_dir(recipe_path)
     out = Path(recipe.output_dir)
     resolved = dump_recipe(recipe)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     if not main:
         echo = _silent
+    if resume and not (out / "recipe.resolved.yaml").is_file():
+        echo(f"[safecl] --resume: {out} holds no run yet (it was stopped before it started); starting it")
+        resume = False
+    if restart_from is not None and not resume:
+        raise TrainingError("--restart-from needs --resume (it retrains stages of an existing run)")
     if main:
-        check_output_dir(out, resolved, resume)
+        check_output_dir(out, resolved, resume, command)
     set_seed(recipe.seed)
     plans, datasets = make_plan(recipe, base_dir)
     model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
@@ -135,12 +159,15 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         accelerator.wait_for_everyone()
         previous = read_json(out / "run.json")
     run_info.update({k: previous[k] for k in ("started", "stages", "started_from") if k in previous})
+    if restart_from is not None:
+        previous = _forget_stages(recipe, run_info, previous, restart_from, out, main, echo)
     done = {s["name"] for s in run_info["stages"]}
     mlflow = Tracker(recipe.tracking, out, enabled=main, run_name=out.name, existing=previous.get("mlflow"))
     run_info["mlflow"] = mlflow.ids()
     if main:
         write_text(out / "recipe.resolved.yaml", resolved)
         write_json(out / "run.json", run_info)
+    fault_point("started")
     mlflow.log_recipe(recipe.model_dump(mode="json"))
     tracker = RetentionTracker(recipe, base_dir, out, model, tokenizer, enabled=recipe.retention.enabled,
                                echo=echo, resume_rows=["base", *done] if resume or adopted else None,
@@ -153,17 +180,21 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         stage = recipe.stages[plan.index]
         sdir = stage_dir(out, plan.index, stage.name)
         if stage.name in done:  # completed before: rebuild, never recompute
-            _rebuild_stage(ctx, run_info, plan.index, sdir, owned)
+            _rebuild_stage(ctx, run_info, plan.index, sdir, owned, command)
             if plan.index == 0:
                 safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
                 if recipe.refusal_direction is not None and not (sdir / DIRECTION_FILE).is_file():
                     compute_direction(ctx, base_dir, sdir)
             echo(f"[safecl] stage {plan.index} '{stage.name}' already complete: loaded from {sdir}")
             if adopted and tracker.enabled and not tracker.has_row(stage.name):
-                tracker.check_stage(plan.index, read_json(sdir / "metrics.json"))
+                tracker.check_stage(plan.index, read_json(sdir / "metrics.json"))  # rewrites its metrics.json
+                entry = next(e for e in run_info["stages"] if e["name"] == stage.name)
+                entry["files"] = digests(sdir) if main else {}
+                if main:
+                    write_json(out / "run.json", run_info)
             continue
         settings = recipe.stage_settings(plan.index)
-        ckpt = load_checkpoint(sdir / "checkpoint") if resume else None
+        ckpt = _checkpoint(sdir, echo) if resume else None
         echo(f"[safecl] stage {plan.index} '{stage.name}' ({stage.kind}): {plan.examples} examples, {plan.steps} steps"
              + (f", resuming at step {ckpt['step']}" if ckpt else ""))
         encoded, too_long = encode_all(tokenizer, examples, settings.max_seq_len)
@@ -204,6 +235,9 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         if decision is not None and decision.fired and decision.action == "repair":
             decision, repairs = repair(ctx, plan, stage.name, decision, tracker, owned, datasets[0][0], base_dir,
                                        mlflow, run_info, echo)
+        for entry in (stage_entry, *repairs):  # the commit records what it commits
+            entry["files"] = digests(out / entry["dir"]) if main else {}
+        fault_point("commit.files")
         run_info["stages"] += [stage_entry, *repairs]
         run_info["mlflow"] = mlflow.ids()
         if main:
@@ -219,6 +253,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
             mlflow.end("halted")
             raise GateHalt(f"stage '{stage.name}' failed the retention gate ({decision.action}): "
                            + "; ".join(decision.reasons) + f". Earlier stages are intact in {out}")
+    fault_point("end")
     run_info.update(status="completed", ended=_now(), summary=tracker.summary())
     if main:
         write_json(out / "run.json", run_info)
@@ -227,9 +262,44 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     return RunResult(out, "completed", run_info["stages"], model=model, tokenizer=tokenizer, main=main)
 
 
-def _rebuild_stage(ctx: RunContext, run_info: dict, index: int, sdir: Path, owned: list[dict]) -> None:
-    """Load a completed stage (after its last repair pass, if any) and its masks into ``owned``."""
+def _checkpoint(sdir: Path, echo) -> dict | None:
+    """The stage's mid-stage checkpoint, or None (with a note) when it is unreadable: it is not
+    committed state, so the stage then trains again from its start."""
+    try:
+        return load_checkpoint(sdir / "checkpoint")
+    except Exception as exc:  # noqa: BLE001 - any damage means the same: do not trust it
+        echo(f"[safecl] {sdir / 'checkpoint'} is unreadable ({type(exc).__name__}); the stage trains from its start")
+        return None
+
+
+def _forget_stages(recipe: Recipe, run_info: dict, previous: dict, name: str, out: Path, main: bool, echo) -> dict:
+    """--restart-from NAME: drop NAME and every later stage (and their repair passes) from the
+    run's record and disk, so they train again; returns ``previous`` without their MLflow runs."""
+    names = [s.name for s in recipe.stages]
+    if name not in names:
+        raise TrainingError(f"--restart-from {name}: no such stage; the recipe's stages are {', '.join(names)}")
+    later = set(names[names.index(name):])
+    dropped = [e for e in run_info["stages"] if e["name"] in later or e.get("repair_of") in later]
+    run_info["stages"] = [e for e in run_info["stages"] if e not in dropped]
+    if main:
+        for i in range(names.index(name), len(names)):
+            shutil.rmtree(stage_dir(out, i, names[i]), ignore_errors=True)
+        for e in dropped:
+            shutil.rmtree(out / e["dir"], ignore_errors=True)
+    echo(f"[safecl] --restart-from {name}: stages {', '.join(n for n in names if n in later)} train again")
+    mlflow = dict(previous.get("mlflow") or {})
+    mlflow["children"] = {k: v for k, v in (mlflow.get("children") or {}).items()
+                          if k not in {e["name"] for e in dropped}}
+    return {**previous, "mlflow": mlflow}
+
+
+def _rebuild_stage(ctx: RunContext, run_info: dict, index: int, sdir: Path, owned: list[dict], command: str) -> None:
+    """Load a completed stage (after its last repair pass, if any) and its masks into ``owned``,
+    after checking every committed file against the checksums of its run.json entry."""
     name = ctx.recipe.stages[index].name
+    for entry in run_info["stages"]:
+        if entry["name"] == name or entry.get("repair_of") == name:
+            verify_stage(ctx.out / entry["dir"], entry, f"{command} --resume --restart-from {name}")
     repaired = [e for e in run_info["stages"] if e.get("repair_of") == name]
     load_stage_adapter(ctx.layers, (ctx.out / repaired[-1]["dir"] if repaired else sdir) / "adapter")
     for d in [sdir, *(ctx.out / e["dir"] for e in repaired)]:
@@ -247,6 +317,7 @@ def _stage_writer(main: bool, layers, recipe: Recipe, sdir: Path, stage, plan):
         save_peft_adapter(layers, sdir / "adapter", rank=a.rank, alpha=a.alpha, targets=a.target_modules,
                           base_model=recipe.model.name, dropout=a.dropout,
                           extra={"stage": stage.name, "index": plan.index, "method": a.method})
+        fault_point("commit.adapter")
         if mask is not None:
             save_mask(mask, sdir / "mask.safetensors")
         if rejected_mask is not None:

@@ -1,0 +1,69 @@
+"""Named fault points: tests interrupt a run at a chosen moment, never by sleeping.
+
+The environment variable ``SAFECL_FAULT="POINT[@N][:ACTION]"`` acts the N-th time (default:
+the first) the process reaches ``fault_point(POINT)``; unset, a fault point costs one dict
+lookup. ACTION is
+
+- ``interrupt`` (default): raise KeyboardInterrupt there, as Ctrl-C would;
+- ``kill``: end the process at once with ``os._exit(137)``, as SIGKILL would (no ``finally``,
+  no atexit, no flush);
+- ``wait``: create ``$SAFECL_FAULT_DIR/POINT.reached`` and block until the test creates
+  ``$SAFECL_FAULT_DIR/POINT.release`` (for two processes racing on one run directory).
+
+Points (in the order a run reaches them):
+``store`` (before the MLflow store is created), ``store.migrated`` (the store's schema is
+built under its temporary name, not yet renamed into place), ``started`` (run.json written,
+before the base check), ``step`` (after an optimizer step and its checkpoint, if any),
+``check`` (a retention check has generated and judged, nothing of it written yet),
+``commit.adapter`` (a stage's adapter is written, its mask and metrics not yet),
+``commit.files`` (every file of the stage is written, its run.json entry not yet),
+``end`` (every stage committed, before run.json says completed).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+POINTS = ("store", "store.migrated", "started", "step", "check", "commit.adapter", "commit.files", "end")
+ACTIONS = ("interrupt", "kill", "wait")
+_seen: dict[str, int] = {}
+
+
+def parse(spec: str) -> tuple[str, int, str]:
+    """``"step@3:kill"`` -> ("step", 3, "kill"); raises ValueError on an unknown point or action."""
+    where, _, action = spec.partition(":")
+    point, _, nth = where.partition("@")
+    action = action or "interrupt"
+    if point not in POINTS or action not in ACTIONS or (nth and not nth.isdigit()):
+        raise ValueError(f"SAFECL_FAULT={spec!r}: expected POINT[@N][:ACTION], POINT one of {', '.join(POINTS)}, "
+                         f"ACTION one of {', '.join(ACTIONS)}")
+    return point, int(nth or 1), action
+
+
+def fault_point(name: str) -> None:
+    """Act here if ``SAFECL_FAULT`` names this point and this is its N-th visit."""
+    spec = os.environ.get("SAFECL_FAULT")
+    if not spec:
+        return
+    point, nth, action = parse(spec)
+    if point != name:
+        return
+    _seen[name] = _seen.get(name, 0) + 1
+    if _seen[name] != nth:
+        return
+    if action == "kill":
+        os._exit(137)
+    if action == "wait":
+        folder = Path(os.environ.get("SAFECL_FAULT_DIR", "."))
+        (folder / f"{name}.reached").write_text(str(os.getpid()))
+        while not (folder / f"{name}.release").exists():
+            time.sleep(0.01)
+        return
+    raise KeyboardInterrupt(f"fault point {name}")
+
+
+def reset() -> None:
+    """Forget the visits counted so far (an in-process test runs several commands)."""
+    _seen.clear()
