@@ -56,7 +56,10 @@ def same(a: dict, b: dict) -> bool:
 
 
 def drill(out: Path, event: str, delay: float, sig: int) -> tuple[str, int, str]:
-    proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the run the default disposition, as a terminal would
+    proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     start = time.monotonic()
     target = None if event == "start" else out / event
     while proc.poll() is None and target is not None and not target.exists():

@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safecl: interrupted; completed stages are in the run directory", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `safecl audit ... | head`: the reader left; say nothing
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from safecl.errors import SafeclError
 
 # What a stage commits (the ones present are recorded).
-COMMITTED = ("metrics.json", "mask.safetensors", "mask.rolled_back.safetensors", "refusal_direction.safetensors",
+COMMITTED = ("metrics.json", "answers.jsonl", "mask.safetensors", "mask.rolled_back.safetensors", "refusal_direction.safetensors",
              "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
 
 

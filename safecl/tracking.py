@@ -176,10 +176,15 @@ class Tracker:
         self.client.set_tag(run_id, "safecl.adapter_path", str((stage_dir / "adapter").resolve()))
         if gate.get("fired"):
             self.client.set_tag(run_id, "safecl.gate", f"{gate.get('action')}: {'; '.join(gate.get('reasons', []))}"[:5000])
-        for name_ in ("metrics.json", "mask.safetensors", "mask.rolled_back.safetensors"):
+        for name_ in ("metrics.json", "answers.jsonl", "mask.safetensors", "mask.rolled_back.safetensors"):
             if (stage_dir / name_).is_file():
                 self.client.log_artifact(run_id, str(stage_dir / name_))
         self.client.set_terminated(run_id, "FINISHED")
+
+    def log_artifact(self, path: Path) -> None:
+        """A file of the run (the base check's answers) as an artifact of the parent run."""
+        if self.enabled and Path(path).is_file():
+            self.client.log_artifact(self.parent_id, str(path))
 
     def end(self, status: str) -> None:
         if not self.enabled:

@@ -70,6 +70,10 @@ def assert_same_run(out, reference):
             assert torch.equal(ref[key][name], got[key][name]), f"{key}: {name} differs from the uninterrupted run"
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and [s["name"] for s in info["stages"]] == ["safety", "arithmetic"]
+    for d in STAGES:  # every answer once: nothing lost, nothing doubled by the resume
+        evals = json.loads((out / "stages" / d / "metrics.json").read_text())["retention"]["evals"]
+        rows = [json.loads(x) for x in (out / "stages" / d / "answers.jsonl").read_text().splitlines()]
+        assert len(rows) == sum(e["n"] for e in evals)
 
 
 @pytest.mark.parametrize("point", ["store", "store.migrated", "started", "step@4", "check@2", "commit.adapter",

@@ -154,6 +154,48 @@ def _run_header(a: dict) -> str:
     return f"status {status}; method {a.get('method')}; model {a.get('model')}; directory {a['run_dir']}{start}"
 
 
+ANSWER_HEADER = ["checkpoint", "check", "n", "refused / right", "changed", "page"]
+
+
+def answer_pages(a: dict, out: Path) -> list[list[str]]:
+    """Write one HTML page per (checkpoint, check) of run ``a`` with every stored answer; returns
+    the summary rows (the last cell the page's file name). [] when the run kept no answers."""
+    from safecl.audit.answers import load_answers
+    from safecl.audit.load import load_run
+    from safecl.errors import SafeclError
+
+    try:
+        rows = load_answers(load_run(a["run_dir"]))
+    except SafeclError:
+        return []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r["check"]), []).append(r)
+    table = []
+    for (stage, check), items in groups.items():
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"answers-{a['name']}-{stage}-{check}") + ".html"
+        body = []
+        for r in items:
+            cls = " style='background:#fff3cd'" if r.get("was") else ""
+            was = f"<br><b>changed</b>: {html.escape(r['was']['verdict'])} after {html.escape(r['was']['stage'])}" \
+                if r.get("was") else ""
+            gold = f"<br>gold: {html.escape(str(r['answer']))}" if "answer" in r else ""
+            matched = f"<br>matched: {html.escape(str(r['matched']))}" if r.get("matched") else ""
+            body.append(f"<tr{cls}><td class='num'>{r.get('i', '')}</td><td>{html.escape(r['prompt'])}</td>"
+                        f"<td>{html.escape(r['response']) or '<i>(empty)</i>'}</td><td>{html.escape(r['verdict'])}"
+                        f"{matched}{gold}{was}</td></tr>")
+        title = f"{a['name']}: {check} after {stage}"
+        (out / slug).write_text(
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
+            f"</head><body><h1>{html.escape(title)}</h1><p class='read'>judge: {html.escape(str(items[0]['judge']))}; "
+            f"{len(items)} answers</p><table><tr><th>#</th><th>prompt</th><th>answer</th><th>verdict</th></tr>"
+            + "".join(body) + "</table></body></html>", encoding="utf-8")
+        positive = sum(r["verdict"] in ("refused", "right") for r in items)
+        table.append([stage, check, str(len(items)), f"{positive / len(items):.2f}",
+                      str(sum(1 for r in items if r.get("was"))), slug])
+    return table
+
+
 def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write report.html, report.md and the PNGs into ``out_dir``; returns their paths by name."""
     out = Path(out_dir)
@@ -187,6 +229,15 @@ def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
                         if rows else "<p class='muted'>nothing recorded yet</p>"))
             md += [f"### {ttl}", "", *([read, ""] if read else []),
                    _md_table(header, rows) if rows else "_nothing recorded yet_", ""]
+        links = answer_pages(a, out)
+        if links:
+            h.append("<h3>Every answer</h3><p class='read'>One page per checkpoint and check with every prompt, "
+                     "answer and verdict; verdicts that changed since the previous checkpoint are highlighted.</p>")
+            head = "".join(f"<th>{c}</th>" for c in ANSWER_HEADER)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r[:-1])
+                           + f"<td><a href='{html.escape(r[-1])}'>{html.escape(r[-1])}</a></td></tr>" for r in links)
+            h.append(f"<table><tr>{head}</tr>{body}</table>")
+            md += ["### Every answer", "", _md_table(ANSWER_HEADER, links), ""]
     h.append("<h2>Figures</h2>")
     md += ["## Figures", ""]
     paths: dict[str, Path] = {}

@@ -53,9 +53,11 @@ class EvalResult:
     n_empty: int = 0  # responses that were empty or whitespace only
     max_new_tokens: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, keep: int | None = None) -> dict:
+        """As a dict; ``keep``: only the first ``keep`` samples (all of them: the answers file)."""
         out = asdict(self)
         out["ci"] = list(self.ci)
+        out["samples"] = _keep(out["samples"], keep)
         return out
 
 
@@ -77,8 +79,8 @@ class CheckResult:
         """{eval set name: score}, the row this check adds to the retention matrix."""
         return {r.name: r.score for r in self.evals}
 
-    def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "seed": self.seed, "evals": [r.to_dict() for r in self.evals]}
+    def to_dict(self, keep: int | None = None) -> dict:
+        return {"seconds": self.seconds, "seed": self.seed, "evals": [r.to_dict(keep) for r in self.evals]}
 
 
 def _user(text: str) -> list[dict]:

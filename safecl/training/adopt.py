@@ -21,6 +21,7 @@ import yaml
 
 from safecl.config import resolve_source
 from safecl.errors import TrainingError
+from safecl.evaluation.answers import BASE_ANSWERS
 from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 from safecl.recipe.base import flatten_keys
 from safecl.recipe.schema import Recipe
@@ -90,8 +91,9 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         keep = RetentionMatrix(safety_stage=recipe.stages[0].name)
         keep.rows = [r for r in old.rows if r["stage"] in {BASE, *names[:k + 1]}]
         keep.save(out / FILENAME)
-        if (src / "base_check.json").is_file():  # the base row's n, interval and samples
-            shutil.copy2(src / "base_check.json", out / "base_check.json")
+        for name in ("base_check.json", BASE_ANSWERS):  # the base row's n, interval and answers
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
     return {"run": str(src), "stage": stage_name, "stages": names[:k + 1],
             "retention_rows": "copied" if same_check else "re-measured (retention settings differ)",
             "entries": finished[:k + 1]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safecl.data.sources import load_examples
+from safecl.evaluation.answers import ANSWERS, BASE_ANSWERS, write_answers
 from safecl.evaluation.check import run_retention_check
 from safecl.evaluation.generation import generate
 from safecl.evaluation.gate import GateDecision, decide
@@ -37,6 +38,9 @@ def sharded_generate(accelerator):
         return responses
 
     return run
+
+
+SAMPLES = 5  # answers kept in metrics.json per set; every answer is in the answers file
 
 
 class RetentionTracker:
@@ -76,7 +80,7 @@ class RetentionTracker:
     def _check(self, upto: int, label: str):
         tasks = [(s.name, s.eval) for s in self.recipe.stages[: upto + 1] if s.eval is not None]
         result = run_retention_check(self.model, self.tokenizer, self.recipe.retention, tasks, self.base_dir,
-                                     self.recipe.seed, self._load_task, judge=self._judge,
+                                     self.recipe.seed, self._load_task, judge=self._judge, keep_samples=None,
                                      generate_fn=self._generate, progress=None if self.main else False)
         fault_point("check")
         scores = result.scores()
@@ -90,7 +94,8 @@ class RetentionTracker:
         self.matrix.add_row(BASE, result.scores())
         if self.main:
             self.matrix.save(self.out / FILENAME)
-            write_json(self.out / "base_check.json", result.to_dict())
+            write_json(self.out / "base_check.json", result.to_dict(keep=SAMPLES))
+            write_answers(self.out / BASE_ANSWERS, result)
         return result.scores()
 
     def check_stage(self, index: int, metrics: dict, row: str | None = None) -> GateDecision | None:
@@ -107,11 +112,12 @@ class RetentionTracker:
         if self.main:
             self.matrix.save(self.out / FILENAME)
         decision = decide(self.matrix, self.recipe.gate, name)
-        metrics["retention"] = result.to_dict()
+        metrics["retention"] = result.to_dict(keep=SAMPLES)
         metrics["gate"] = decision.to_dict()
         if decision.fired:
             self.echo(f"[safecl] GATE {decision.action.upper()}: " + "; ".join(decision.reasons))
         if self.main:
+            write_answers(stage_dir(self.out, index, name) / ANSWERS, result)
             write_json(stage_dir(self.out, index, name) / "metrics.json", metrics)
         return decision
 

@@ -24,6 +24,7 @@ from safecl.adapters.masks import total_entries
 from safecl.data.formatting import encode_all
 from safecl.data.sources import load_examples
 from safecl.errors import GateHalt, TrainingError
+from safecl.evaluation.answers import BASE_ANSWERS
 from safecl.faults import fault_point
 from safecl.integrity import digests, verify_stage
 from safecl.models import load_model_and_tokenizer
@@ -174,6 +175,7 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
                                accelerator=accelerator, main=main)
     if recipe.retention.check_base and tracker.enabled and not tracker.has_row("base"):
         mlflow.log_checkpoint(0, tracker.check_base(), None)
+        mlflow.log_artifact(out / BASE_ANSWERS)
     owned: list[dict] = []
     safety_B: dict = {}  # B after the safety stage: the reference of the post-stage safety merge
     for plan, (examples, report, replay) in zip(plans, datasets):
