@@ -8,7 +8,7 @@ directory (``sqlite:///<output_dir>/mlflow.db``, artifacts in ``<output_dir>/mla
 Parent run: the resolved recipe as params (flattened dotted keys), and per checkpoint
 (step 0 = base model, step i+1 = after stage i) the retention metrics ``refusal``,
 ``over_refusal``, ``task.<name>``, ``safety_retention``.
-Child run per stage: the stage's settings as params; ``train.loss`` and ``train.lr`` per
+Child run per stage: the stage's settings as params; ``train.loss`` and ``train.lr`` (and ``probe_retention``) per
 optimizer step, ``calibration.loss`` per calibration step; retention metrics with their n and
 interval; mask statistics; timings; ``metrics.json`` and ``mask.safetensors`` as artifacts and
 the adapter path as a tag. The run ids are kept in run.json so a resumed run continues them.
@@ -154,6 +154,9 @@ class Tracker:
             batch += [Metric("train.loss", loss, now, i), Metric("train.lr", lr, now, i)]
         for i, loss in enumerate(metrics.get("calibration", {}).get("losses", []), 1):
             batch.append(Metric("calibration.loss", loss, now, i))
+        for step, value in (metrics.get("probe") or {}).get("points", []):  # the refusal probe, step-indexed
+            if value is not None:
+                batch.append(Metric("probe_retention", value, now, int(step)))
         flat = {"train.seconds": train.get("seconds"), "train.response_tokens": train.get("response_tokens"),
                 "trainable_params": metrics.get("trainable_params"),
                 "optimizer_state_bytes": train.get("optimizer_state_bytes"),

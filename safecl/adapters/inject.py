@@ -79,3 +79,17 @@ def stage_switched_off(layers: dict[str, LoRILinear]):
     finally:
         for name, layer in layers.items():
             layer.stage_enabled = previous[name]
+
+
+@contextmanager
+def adapters_off(layers: dict[str, LoRILinear]):
+    """Within the block every adapter adds exactly 0 (scaling 0): the base model, bit for bit
+    (y + 0 = y). Restores each layer's scaling on exit, also on error."""
+    previous = {name: layer.scaling for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.scaling = 0.0
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.scaling = previous[name]

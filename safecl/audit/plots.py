@@ -18,6 +18,9 @@ Views:
 - ``capacity``:  share of all B entries owned after each stage (``mask.capacity_used``),
   split into what earlier stages owned and what the stage added (``mask.density``).
 - ``masks``:     entries of each stage's mask per (layer, projection).
+- ``probe``:     probe retention (safecl.safety.probe) over the optimizer steps of all task
+  stages, a dotted line at each stage start, ``gate.min_probe_retention`` dashed; only drawn
+  when a run measured it.
 """
 
 from __future__ import annotations
@@ -273,6 +276,37 @@ def plot_masks(audits: list[dict]) -> Figure:
     return fig
 
 
+def plot_probe(audits: list[dict]) -> Figure:
+    """Probe retention against the global optimizer step, one line per run."""
+    fig, axes = new_figure(11, 3.6)
+    ax = axes[0, 0]
+    for i, a in enumerate(audits):
+        pts = [(p["global_step"], p["probe_retention"]) for p in a.get("probe") or [] if p["probe_retention"] is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), marker=".", color=_color(i), label=a["name"])
+        starts = {}
+        for p in a["probe"]:
+            starts.setdefault(p["stage"], p["global_step"])
+        for stage, x in starts.items():
+            ax.axvline(x, color=_color(i), linestyle=":", linewidth=0.8)
+            ax.text(x, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=8, va="top", color=_color(i))
+        for st in a["stages"]:
+            w = st.get("watch")
+            if w:
+                ax.scatter([starts.get(st["name"], 0) + w["step"]], [w["probe_retention"]], s=90, facecolors="white",
+                           edgecolors=_color(i), zorder=3, label=f"{a['name']}: watch {w['action']} ({st['name']})")
+    for v in _distinct(audits, lambda a: a["gate"].get("min_probe_retention")):
+        _threshold(ax, v, f"gate.min_probe_retention {v:g}")
+    ax.axhline(1.0, color="0.6", linewidth=0.8)
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.set_xlabel("optimizer step (task stages, in order)")
+    ax.set_ylabel("probe retention")
+    ax.set_title("refusal probe: 0 = base model, 1 = after the safety stage", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
 FIGURES = [
     ("safety", "Refusal and over-refusal across stages", plot_safety),
     ("tasks", "Task scores across stages", plot_tasks),
@@ -290,5 +324,8 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 def make_figures(audits: list[dict]) -> list[tuple[str, str, Figure]]:
-    """[(key, title, figure)] for every view in :data:`FIGURES`."""
-    return [(key, title, fn(audits)) for key, title, fn in FIGURES]
+    """[(key, title, figure)] for every view in :data:`FIGURES` (+ ``probe`` when a run has its curve)."""
+    views = [(key, title, fn(audits)) for key, title, fn in FIGURES]
+    if any(a.get("probe") for a in audits):
+        views.append(("probe", "Refusal probe during training", plot_probe(audits)))
+    return views

@@ -34,6 +34,9 @@ HOW_TO_READ = {
                  "also flags the audit min_retention line.",
     "capacity": "lori-s: each stage owns its own share (density) of B entries, disjoint from earlier stages; "
                 "the bar height is the share used so far. At 1.0 no entry is left for another stage.",
+    "probe": "Probe retention measured during training (one forward pass over held-in harmful prompts, no "
+             "generation): 0 is the base model, 1 the model after the safety stage. It is an early warning; the "
+             "judged refusal check after each stage is the measurement the gate trusts.",
     "masks": "Where each stage's trainable entries sit. Stages that pick the same layers and projections "
              "compete for the same parts of the network; disjoint masks still keep their entries apart.",
 }

@@ -180,7 +180,23 @@ def _stage(record: RunRecord, st: StageRecord, rule: DriftRule, current: bool = 
     out["mask_file"] = str(st.mask_path) if st.mask_path else None
     out["mechanisms"] = stage_mechanisms(st)
     out["cost"] = stage_cost(st, out["mechanisms"], out["train_seconds"])
+    probe = metrics.get("probe")
+    out["probe"] = None if not probe else {k: probe.get(k) for k in ("every", "probes", "seconds",
+                                                                      "share_of_stage_time", "threshold", "fired")}
+    out["watch"] = entry.get("watch")
     return out
+
+
+def probe_curve(stages: list[dict], records: list) -> list[dict]:
+    """The refusal probe over all task stages: {stage, step, global_step, probe_retention}; a
+    stage's steps follow the optimizer steps of the stages before it."""
+    curve, offset = [], 0
+    for st, rec in zip(stages, records):
+        probe = (rec.metrics or {}).get("probe") or {}
+        for step, value in probe.get("points") or []:
+            curve.append({"stage": st["name"], "step": step, "global_step": offset + step, "probe_retention": value})
+        offset += (st.get("train") or {}).get("steps") or 0
+    return curve
 
 
 def audit_run(record: RunRecord, rule: DriftRule | None = None) -> dict:
@@ -209,6 +225,7 @@ def audit_run(record: RunRecord, rule: DriftRule | None = None) -> dict:
         "columns": m.columns if m is not None else [],
         "matrix": matrix_rows(record),
         "stages": stages,
+        "probe": probe_curve(stages, record.stages),
         "cost": run_cost(stages),
         "summary": summary,
         "warnings": list(record.warnings),

@@ -114,6 +114,15 @@ class TaskEvalConfig(DataConfig):
         return super().preset_defaults(preset, data)
 
 
+class ProbeConfig(Section):
+    """The refusal probe (safecl.safety.probe): probe retention measured during task stages from
+    one forward pass over held-in harmful prompts, no generation. Needs ``refusal_direction``."""
+
+    every: PositiveInt = Field(10, description="Optimizer steps between two probes (and one at each stage end).")
+    limit: PositiveInt = Field(32, description="Harmful prompts probed: the first N of refusal_direction.harmful.")
+    batch_size: PositiveInt = 16
+
+
 class RetentionConfig(Section):
     """The safety-retention check run on the base model and after every stage."""
 
@@ -131,6 +140,9 @@ class RetentionConfig(Section):
         "cannot change; stored responses are then cut there.",
     )
     check_base: bool = Field(True, description="Also check the base model before any stage (row 0).")
+    probe: ProbeConfig | None = Field(
+        None, description="Watch probe retention during task stages (needs `refusal_direction`); see gate.watch."
+    )
 
 
 class GateConfig(Section):
@@ -148,4 +160,15 @@ class GateConfig(Section):
         "train short safety passes on free entries (gate.repair) and re-check, exit 3 if they do not suffice."
     )
     after_rollback: Literal["continue", "stop"] = "continue"
+    watch: Literal["probe"] | None = Field(
+        None, description="probe: act mid-stage when probe retention falls below `min_probe_retention` "
+        "(needs retention.probe)."
+    )
+    min_probe_retention: float | None = Field(
+        None, description="Probe retention (0 = base model, 1 = after the safety stage) under which `watch` acts."
+    )
+    watch_action: Literal["halt", "rollback"] = Field(
+        "halt", description="halt: stop the stage there, commit it, exit 3; rollback: restore the last probed "
+        "step at or above the threshold, end the stage there and go on."
+    )
     repair: RepairConfig = Field(default_factory=RepairConfig)

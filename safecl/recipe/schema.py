@@ -187,6 +187,10 @@ class Recipe(Section):
             if stage.merge is not None and self.adapter.method == "lora":
                 raise ValueError(f"stages.{i}.merge: the safety merge needs a frozen A (lori-s or lori-d), "
                                  "not lora")
+        if self.retention.probe is not None and self.refusal_direction is None:
+            raise ValueError("retention.probe needs the `refusal_direction` section (the probe projects onto it)")
+        if self.gate.watch == "probe" and (self.retention.probe is None or self.gate.min_probe_retention is None):
+            raise ValueError("gate.watch 'probe' needs retention.probe and gate.min_probe_retention")
         if self.adapter.method == "lori-s" and self.adapter.disjoint:
             total = sum(self.stage_density(i) for i in range(len(self.stages)))
             if self.gate.action == "repair":  # room for one stage's repair passes at least

@@ -11,6 +11,10 @@ Extra loss terms (safety anchors, replay distillation) are handed in as callable
 optimizer step and its gradient is added to the task gradient:
 ``loss_step = CE_response / n_tokens + sum_k term_k``. The loop knows nothing of what a term
 means; it records each term's values and its seconds (the term's cost per step).
+
+Monitors (the refusal probe) are callables ``monitor(model, step, last) -> stop`` called before
+the first step (step 0) and after every optimizer step (and its checkpoint); one that returns
+True ends the stage at that step (``stopped_at``). Their ``state()`` goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class LoopResult:
     optimizer_state_bytes: int = 0
     term_values: dict[str, list[float]] = field(default_factory=dict)
     term_seconds: dict[str, float] = field(default_factory=dict)
+    stopped_at: int | None = None
 
     def summary(self) -> dict:
         tail = self.losses[-10:]
@@ -56,7 +61,8 @@ class LoopResult:
                 "last_loss": self.losses[-1] if self.losses else None,
                 "mean_loss_last10": sum(tail) / len(tail) if tail else None,
                 "optimizer_state_bytes": self.optimizer_state_bytes,
-                "losses": self.losses, "lrs": self.lrs, **({"terms": terms} if terms else {})}
+                "losses": self.losses, "lrs": self.lrs, **({"terms": terms} if terms else {}),
+                **({"stopped_at": self.stopped_at} if self.stopped_at is not None else {})}
 
 
 def total_steps(n_examples: int, s: TrainSettings) -> int:
@@ -92,16 +98,18 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], settings: TrainSettings, steps: int,
              accelerator, pad_id: int, seed: int, desc: str, resume: dict | None = None,
-             checkpoint=None, terms: list | None = None) -> LoopResult:
+             checkpoint=None, terms: list | None = None, monitors: list | None = None) -> LoopResult:
     """Train ``params`` of ``model`` for ``steps`` optimizer steps; returns losses and timings.
 
     ``resume``: a checkpoint state (step, optimizer, scheduler, loop, rng) to continue from;
     the data stream skips the micro-batches already consumed, so the run goes on exactly as
     if uninterrupted. ``checkpoint(step, optimizer, scheduler, loop_state)`` is called every
     ``settings.checkpoint_every`` steps (not after the last one). ``terms``: extra loss terms
-    (objects with a ``name`` and ``__call__(model, step) -> scalar tensor``), see module doc.
+    (objects with a ``name`` and ``__call__(model, step) -> scalar tensor``); ``monitors``: see
+    the module doc.
     """
     terms = list(terms or [])
+    monitors = list(monitors or [])
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = int(settings.warmup_ratio * steps)
     scheduler = get_scheduler(settings.scheduler if settings.scheduler != "constant" else "constant_with_warmup",
@@ -122,6 +130,11 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         first = resume["step"] + 1
         for _ in range(resume["step"] * settings.grad_accum):
             next(stream)
+        for m in monitors:
+            m.load_state(loop.get("monitors", {}).get(m.name, {"points": [], "seconds": 0.0}), wrapped)
+    else:
+        for m in monitors:
+            m(wrapped, 0, False)
     bar = tqdm(total=steps, initial=first - 1, desc=desc, disable=not accelerator.is_main_process,
                dynamic_ncols=True, leave=True)
     start = time.perf_counter() - (resume["loop"]["seconds"] if resume is not None else 0.0)
@@ -170,8 +183,12 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
             checkpoint(step, optimizer, scheduler, {"losses": result.losses, "lrs": result.lrs, "tokens": result.tokens,
                                                     "seconds": time.perf_counter() - start,
                                                     "term_values": result.term_values,
-                                                    "term_seconds": result.term_seconds})
+                                                    "term_seconds": result.term_seconds,
+                                                    "monitors": {m.name: m.state() for m in monitors}})
         fault_point("step")
+        if [m for m in monitors if m(wrapped, step, step == steps)]:
+            result.stopped_at = step
+            break
     bar.close()
     result.seconds = time.perf_counter() - start
     result.optimizer_state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values()

@@ -21,6 +21,7 @@ from safecl.evaluation.generation import generate
 from safecl.recipe.schema import Recipe
 from safecl.safety.anchors import DirectionAnchor, KLAnchor, encode_anchor, prompt_part
 from safecl.safety.direction import load_direction, refusal_direction, save_direction
+from safecl.safety.probe import PROBE_FILE, ProbeMonitor, load_reference, probe_reference, save_reference
 from safecl.safety.sensitivity import safety_sensitivity
 from safecl.training.rundir import stage_dir
 
@@ -126,9 +127,47 @@ def compute_direction(ctx, base_dir: Path, sdir: Path) -> dict | None:
                              [e.prompt_messages for e in harmless], cfg.batch_size)
     if ctx.main:
         save_direction(sdir / DIRECTION_FILE, info)
-    return {"file": DIRECTION_FILE, "best_layer": info["best_layer"], "n_harmful": len(harmful),
-            "n_harmless": len(harmless), "separation_best": float(info["separation"][info["best_layer"]]),
-            "seconds": round(time.perf_counter() - start, 3)}
+    out = {"file": DIRECTION_FILE, "best_layer": info["best_layer"], "n_harmful": len(harmful),
+           "n_harmless": len(harmless), "separation_best": float(info["separation"][info["best_layer"]]),
+           "seconds": round(time.perf_counter() - start, 3)}
+    ref = compute_probe_reference(ctx, base_dir, sdir, info)
+    if ref is not None:
+        out["probe"] = ref
+    return out
+
+
+def _probe_prompts(ctx, base_dir: Path) -> list[list[dict]]:
+    cfg = ctx.recipe.retention.probe
+    harmful, _ = load_examples(ctx.recipe.refusal_direction.harmful, base_dir, seed=ctx.recipe.seed,
+                               need_response=False)
+    return [e.prompt_messages for e in harmful[:cfg.limit]]
+
+
+def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | None = None) -> dict | None:
+    """Right after the safety stage (the model as it is now): s(base) and s(safety) of the refusal
+    probe (safecl.safety.probe), saved in the safety stage's directory. None without retention.probe."""
+    if ctx.recipe.retention.probe is None:
+        return None
+    start = time.perf_counter()
+    direction = direction if direction is not None else load_direction(sdir / DIRECTION_FILE)
+    ref = probe_reference(ctx.model, ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir), direction,
+                          ctx.recipe.retention.probe.batch_size)
+    ref["seconds"] = round(time.perf_counter() - start, 3)
+    if ctx.main:
+        save_reference(sdir / PROBE_FILE, ref)
+    return ref
+
+
+def build_monitor(ctx, index: int, base_dir: Path) -> ProbeMonitor | None:
+    """The refusal probe of task stage ``index`` (with the gate's watch threshold), or None."""
+    cfg, gate = ctx.recipe.retention.probe, ctx.recipe.gate
+    if cfg is None or index == 0:
+        return None
+    sdir = stage_dir(ctx.out, 0, ctx.recipe.stages[0].name)
+    watch = gate.watch == "probe"
+    return ProbeMonitor(ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir), load_reference(sdir / PROBE_FILE),
+                        load_direction(sdir / DIRECTION_FILE), cfg.every, cfg.batch_size,
+                        threshold=gate.min_probe_retention if watch else None, action=gate.watch_action)
 
 
 def safety_merge(ctx, index: int, before: dict, safety_B: dict) -> dict | None:
@@ -163,3 +202,22 @@ def after_training(ctx, index: int, before: dict, safety_B: dict, base_dir: Path
         echo(f"[safecl] safety merge: {merged['scaled']}/{merged['modules']} modules scaled by {merged['scale']:g} "
              f"(update cosine to the safety stage's: min {merged['cosine_min']:.3f}, mean {merged['cosine_mean']:.3f})")
     return safety_B
+
+
+def record_probe(monitor: ProbeMonitor | None, metrics: dict, echo) -> dict | None:
+    """After a task stage: its probe curve and cost into ``metrics["probe"]``; returns what the
+    mid-stage gate did ({step, probe_retention, threshold, action, restored_step?}) or None."""
+    if monitor is None:
+        return None
+    probe = monitor.summary(metrics["train"]["seconds"])
+    metrics["probe"] = probe
+    last = probe["points"][-1][1] if probe["points"] else None
+    share = probe["share_of_stage_time"]
+    echo(f"[safecl] refusal probe: {probe['probes']} probes, last {last if last is None else f'{last:.2f}'}, "
+         f"{probe['seconds']:.1f}s" + (f" ({100 * share:.1f}% of the stage's training time)" if share else ""))
+    fired = probe["fired"]
+    if fired:
+        where = f", rolled back to step {fired['restored_step']}" if fired["action"] == "rollback" else ""
+        echo(f"[safecl] WATCH {fired['action'].upper()}: probe retention {fired['probe_retention']:.2f} < "
+             f"{fired['threshold']:g} at step {fired['step']}{where}; the stage ends there")
+    return fired

@@ -25,6 +25,7 @@ from safecl.data.formatting import encode_all
 from safecl.data.sources import load_examples
 from safecl.errors import GateHalt, TrainingError
 from safecl.evaluation.answers import BASE_ANSWERS
+from safecl.evaluation.gate import GateDecision
 from safecl.faults import fault_point
 from safecl.integrity import digests, verify_stage
 from safecl.models import load_model_and_tokenizer
@@ -33,8 +34,9 @@ from safecl.recipe.schema import Recipe
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
-from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_terms, check_sources,
-                                        compute_direction)
+from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_monitor, build_terms,
+                                        check_sources, compute_direction, compute_probe_reference, record_probe)
+from safecl.safety.probe import PROBE_FILE
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, load_checkpoint, load_stage_adapter
 from safecl.training.repair import repair
@@ -187,6 +189,8 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
                 safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
                 if recipe.refusal_direction is not None and not (sdir / DIRECTION_FILE).is_file():
                     compute_direction(ctx, base_dir, sdir)
+                elif recipe.retention.probe is not None and not (sdir / PROBE_FILE).is_file():
+                    compute_probe_reference(ctx, base_dir, sdir)  # probe switched on at resume
             echo(f"[safecl] stage {plan.index} '{stage.name}' already complete: loaded from {sdir}")
             if adopted and tracker.enabled and not tracker.has_row(stage.name):
                 tracker.check_stage(plan.index, read_json(sdir / "metrics.json"))  # rewrites its metrics.json
@@ -209,7 +213,10 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
         mlflow.start_stage(plan.index, stage.name, {"kind": stage.kind, "method": a.method, "steps": plan.steps,
                                                     "examples": plan.examples, **settings.model_dump()})
         terms, sensitivity = build_terms(ctx, plan.index, examples, base_dir, metrics)
-        mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity)
+        monitor = build_monitor(ctx, plan.index, base_dir)
+        mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity,
+                           monitors=[monitor] if monitor else None)
+        watched = record_probe(monitor, metrics, echo)
         safety_B = after_training(ctx, plan.index, before, safety_B, base_dir, sdir, metrics, echo)
         save_stage = _stage_writer(main, layers, recipe, sdir, stage, plan)
         save_stage(metrics, mask)
@@ -219,7 +226,8 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
         stage_entry = {"index": plan.index, "name": stage.name, "dir": str(sdir.relative_to(out)),
                        "train_seconds": metrics["train"]["seconds"],
                        "check_seconds": metrics.get("retention", {}).get("seconds"),
-                       "gate": decision.action if decision is not None else None}
+                       "gate": decision.action if decision is not None else None,
+                       **({"watch": watched} if watched else {})}
         if decision is not None and decision.fired and decision.action == "rollback":
             restore(layers, before)
             tracker.mark_rolled_back(stage.name)
@@ -245,6 +253,10 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
         if main:
             write_json(out / "run.json", run_info)
             shutil.rmtree(sdir / "checkpoint", ignore_errors=True)
+        if watched and watched["action"] == "halt":
+            reasons = [f"probe retention {watched['probe_retention']:.2f} < gate.min_probe_retention "
+                       f"{watched['threshold']:g} at step {watched['step']}"]
+            decision = GateDecision(fired=True, action="halt", reasons=reasons)
         if decision is not None and decision.fired and (
             decision.action in ("halt", "repair")  # repair: still failing after every attempt
             or (decision.action == "rollback" and recipe.gate.after_rollback == "stop")

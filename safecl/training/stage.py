@@ -59,12 +59,13 @@ class RunContext:
 
 def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict, sdir: Path,
                 resume: dict | None, terms: list | None = None, sensitivity: dict | None = None,
-                settings=None, seed: int | None = None) -> dict | None:
+                settings=None, seed: int | None = None, monitors: list | None = None) -> dict | None:
     """Train stage ``plan.index`` in place (layers end committed); fills ``metrics``; returns its mask.
 
     ``terms``: extra loss terms for the loop (safety anchors, replay distillation);
     ``sensitivity``: per-entry safety sensitivity for safety-aware allocation (lori-s);
-    ``settings`` / ``seed``: a stage the runner schedules itself (a repair pass) brings its own.
+    ``settings`` / ``seed``: a stage the runner schedules itself (a repair pass) brings its own;
+    ``monitors``: watchers called by the loop (the refusal probe), which may end the stage early.
     """
     a = ctx.recipe.adapter
     settings = settings if settings is not None else ctx.recipe.stage_settings(plan.index)
@@ -104,7 +105,8 @@ def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict
                             {"calibration": metrics.get("calibration")})
 
     result = run_loop(ctx.model, params, encoded, settings, plan.steps, ctx.accelerator, pad, seed,
-                      desc=f"{plan.index:02d} {plan.name}", resume=resume, checkpoint=checkpoint, terms=terms)
+                      desc=f"{plan.index:02d} {plan.name}", resume=resume, checkpoint=checkpoint, terms=terms,
+                      monitors=monitors)
     for layer in ctx.layers.values():
         layer.commit_stage()
     metrics["train"] = result.summary()
