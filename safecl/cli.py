@@ -16,6 +16,8 @@ from pathlib import Path
 
 from safecl import __version__
 from safecl.errors import SafeclError
+from safecl.faults import guard_interrupts
+from safecl.faults import reset as reset_faults
 
 EPILOG_TRAIN = """\
 examples:
@@ -83,10 +85,12 @@ def cmd_train(args) -> int:
             return 3  # the launcher reports 1 for any failed worker; the gate's own code is 3
         return rc
     command = train_command(args)
+    guard_interrupts()
     try:
         result = run_recipe(recipe, args.recipe, resume=args.resume, restart_from=args.restart_from, command=command)
     except KeyboardInterrupt:
-        print(f"safecl: interrupted; committed stages are safe in {recipe.output_dir}. Continue with: {command} --resume",
+        reset_faults()  # the interrupt is handled: nothing pending
+        print(f"\nsafecl: interrupted; committed stages are safe in {recipe.output_dir}. Continue with: {command} --resume",
               file=sys.stderr)
         return 130
     if result.main:

@@ -1,4 +1,12 @@
-"""Named fault points: tests interrupt a run at a chosen moment, never by sleeping.
+"""Named fault points (tests interrupt a run at a chosen moment, never by sleeping) and the
+interrupt guard (a Ctrl-C is never lost).
+
+Interrupt guard (:func:`guard_interrupts`, installed by ``safecl train``): Ctrl-C raises
+KeyboardInterrupt at once, as Python's own handler does, and is also remembered. Python drops
+an exception raised while a finalizer runs (``__del__``, a weakref callback: database
+connections are closed that way) and prints "Exception ignored in ..." with a traceback; the
+run would then go on as if no one had pressed Ctrl-C. Under the guard such a KeyboardInterrupt
+is not printed, and every fault point below raises it again, so the run stops at the next one.
 
 The environment variable ``SAFECL_FAULT="POINT[@N][:ACTION]"`` acts the N-th time (default:
 the first) the process reaches ``fault_point(POINT)``; unset, a fault point costs one dict
@@ -23,12 +31,36 @@ before the base check), ``step`` (after an optimizer step and its checkpoint, if
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
 POINTS = ("store", "store.migrated", "started", "step", "check", "commit.adapter", "commit.files", "end")
 ACTIONS = ("interrupt", "kill", "wait")
 _seen: dict[str, int] = {}
+_pending = False  # a Ctrl-C arrived and may have been swallowed
+
+
+def guard_interrupts() -> None:
+    """Install the interrupt guard (module doc) unless SIGINT is ignored or handled by someone else."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def on_sigint(signum, frame):
+        global _pending
+        _pending = True
+        raise KeyboardInterrupt
+
+    previous = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            return  # remembered in _pending; raised again at the next fault point
+        previous(info)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = unraisable
 
 
 def parse(spec: str) -> tuple[str, int, str]:
@@ -43,7 +75,11 @@ def parse(spec: str) -> tuple[str, int, str]:
 
 
 def fault_point(name: str) -> None:
-    """Act here if ``SAFECL_FAULT`` names this point and this is its N-th visit."""
+    """Raise a pending Ctrl-C; act here if ``SAFECL_FAULT`` names this point and this is its N-th visit."""
+    global _pending
+    if _pending:
+        _pending = False
+        raise KeyboardInterrupt("interrupted earlier; stopping at a safe point")
     spec = os.environ.get("SAFECL_FAULT")
     if not spec:
         return
@@ -65,5 +101,7 @@ def fault_point(name: str) -> None:
 
 
 def reset() -> None:
-    """Forget the visits counted so far (an in-process test runs several commands)."""
+    """Forget the visits counted so far and any pending interrupt (an in-process test runs several commands)."""
+    global _pending
     _seen.clear()
+    _pending = False

@@ -160,3 +160,32 @@ def test_fault_spec_errors_name_the_points():
     with pytest.raises(ValueError, match="POINT one of store, store.migrated"):
         faults.parse("nowhere:kill")
     assert faults.parse("step@3:kill") == ("step", 3, "kill")
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_at_the_next_safe_point(capsys):
+    """Python drops an exception raised inside __del__ (printing a traceback): under the guard the
+    interrupt is remembered, not printed, and the next fault point raises it."""
+    import gc
+    import signal
+
+    handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    faults.reset()
+    try:
+        faults.guard_interrupts()
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)  # delivered while __del__ runs
+                for _ in range(1000):
+                    pass
+
+        Finalized()
+        gc.collect()
+        assert "Traceback" not in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            faults.fault_point("step")
+        faults.fault_point("step")  # raised once
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = hook
+        faults.reset()
