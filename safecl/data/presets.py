@@ -115,6 +115,16 @@ def gsm8k_row(row: dict) -> dict:
     return {"instruction": question, "input": "", "output": output, "answer": final}
 
 
+def humaneval_row(row: dict) -> dict:
+    """HumanEval ``{task_id, prompt, entry_point, test}``: the user is asked to complete the function
+    (its signature and docstring, in a python block); ``answer`` = task_id; ``meta`` carries what
+    pass@k runs (``safecl.evaluation.execution``): the code prompt, the test and the entry point."""
+    code, entry, test = _text(row, "prompt"), _text(row, "entry_point"), _text(row, "test")
+    return {"instruction": "Complete this Python function. Answer with the whole function in one ```python block."
+                           f"\n\n```python\n{code}```",
+            "answer": _text(row, "task_id"), "meta": {"prompt": code, "entry_point": entry, "test": test}}
+
+
 def _boolq_hub(row: dict) -> dict:
     """google/boolq ``{question, answer: bool, passage}`` -> LLM-Adapters' boolq wording (no passage)."""
     question = _text(row, "question").strip().rstrip("?")
@@ -229,6 +239,15 @@ DATA_PRESETS: dict[str, DataPreset] = {
         to_row=instruction_row,
         files="code_alpaca_20k.json (here: ../shared/data/tasks/codealpaca/code_alpaca_2k.json)",
         hub="sahil2801/CodeAlpaca-20k",
+    ),
+    "humaneval": DataPreset(
+        name="humaneval",
+        title="HumanEval: complete a Python function; scored by running its tests (pass@1, opt-in)",
+        origin="openai/human-eval @ 6d43fb9 (Chen et al. 2021)",
+        license="MIT",
+        to_row=humaneval_row,
+        files="HumanEval.jsonl.gz (here: ../shared/data/tasks/humaneval/)",
+        hub="openai/openai_humaneval", metric="pass_at_k",
     ),
     **{name: DataPreset(
         name=name, title=title, origin=_LLM_ADAPTERS, license=lic,

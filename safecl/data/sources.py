@@ -234,7 +234,8 @@ def row_to_example(row: dict, cfg: DataConfig, origin: str, need_response: bool 
             messages.append({"role": "assistant", "content": out.strip()})
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    return Example(messages=messages, answer=None if answer is None else str(answer), origin=origin)
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}  # a preset's extra fields (humaneval)
+    return Example(messages=messages, answer=None if answer is None else str(answer), origin=origin, meta=meta)
 
 
 def _numbered(table: Table) -> list[tuple[str, object]]:

@@ -58,6 +58,8 @@ def answer_rows(check) -> list[dict]:
                            empty=bool(s.get("empty")))
             else:
                 row.update(verdict="right" if s["verdict"] else "wrong", answer=s.get("answer"))
+                if "status" in s:  # code run by pass_at_k: passed / failed: <error> / timeout
+                    row["status"] = s["status"]
             row["judge"] = judge
             rows.append(row)
     return rows

@@ -125,6 +125,8 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
             raise DataError(f"{ex.origin or task.source}: task {task_name!r} eval record has no answer to score")
     answers = [str(ex.answer).strip() for ex in examples]
     max_new = task.max_new_tokens or cfg.max_new_tokens
+    if task.metric == "pass_at_k":
+        return _code_set(task_name, task, examples, model, tokenizer, cfg, seed, keep, progress, generate, start)
     if task.metric == "label_accuracy":
         labels = task.labels or sorted(set(answers))
         score_fn = partial(label_accuracy, labels=labels)
@@ -143,6 +145,38 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
     values = [1.0 if c else 0.0 for c in correct]
     samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": r, "answer": a, "verdict": c}
                for ex, r, a, c in zip(examples, responses, answers, correct)]
+    return EvalResult(
+        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
+        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
+        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
+        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new,
+    )
+
+
+def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
+              seed, keep, progress, generate, start):
+    """pass@1 by execution: greedy answers, each run with its task's tests in a sandboxed process."""
+    from safecl.evaluation.execution import Limits, humaneval_program, network_isolated, run_sample
+
+    for ex in examples:
+        if not {"prompt", "test", "entry_point"} <= ex.meta.keys():
+            raise DataError(f"{ex.origin or task.source}: task {task_name!r} (pass_at_k) needs the code prompt, test "
+                            "and entry point of each problem: use `preset: humaneval`")
+    max_new = task.max_new_tokens or cfg.max_new_tokens
+    responses = generate(model, tokenizer, [ex.prompt_messages for ex in examples], max_new, cfg.batch_size,
+                         do_sample=cfg.do_sample, stop_early=None, progress=progress, desc=f"task:{task_name}")
+    limits = Limits(timeout=task.timeout)
+    outcomes = [run_sample(humaneval_program(ex.meta["prompt"], r, ex.meta["test"], ex.meta["entry_point"]), limits)
+                for ex, r in zip(examples, responses)]
+    values = [1.0 if o.passed else 0.0 for o in outcomes]
+    samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": r, "answer": ex.answer, "verdict": o.passed,
+                "status": o.status}
+               for ex, r, o in zip(examples, responses, outcomes)]
+    measured = {"kind": "metric", "metric": "pass_at_k", "k": 1, "decoding": "greedy",
+                "rule": "the completion (its first ```python block, else the text) with the problem's prompt and "
+                        "tests exits 0 after check(entry_point)",
+                "sandbox": {"process": "one per sample", "timeout_s": task.timeout, "memory_mb": limits.memory_mb,
+                            "network": "off (unshare -n)" if network_isolated() else "on (unshare -n not allowed)"}}
     return EvalResult(
         name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,

@@ -2,7 +2,7 @@
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt, confloat, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, confloat, model_validator
 
 from safecl.config import Section
 from safecl.data.config import DataConfig, PresetSection
@@ -94,13 +94,26 @@ class TaskEvalConfig(DataConfig):
 
     split: str = "test"
     limit: PositiveInt | None = 32
-    metric: Literal["exact_match", "label_accuracy"] = Field(
+    metric: Literal["exact_match", "label_accuracy", "pass_at_k"] = Field(
         "exact_match",
         description="exact_match: last number in the response equals the answer; "
-        "label_accuracy: first label word in the response equals the answer.",
+        "label_accuracy: first label word in the response equals the answer; "
+        "pass_at_k: the generated code passes the task's tests (greedy pass@1; needs allow_code_execution).",
     )
     labels: list[str] | None = Field(None, description="label_accuracy: the label words (default: the answers seen).")
     max_new_tokens: PositiveInt | None = Field(None, description="Override retention.max_new_tokens for this task.")
+    allow_code_execution: bool = Field(
+        False, description="pass_at_k: run the generated code (each sample in its own sandboxed process, see "
+        "safecl.evaluation.execution). Off by default: generated code is untrusted."
+    )
+    timeout: PositiveFloat = Field(10.0, description="pass_at_k: wall-clock seconds per sample.")
+
+    @model_validator(mode="after")
+    def _code_opt_in(self) -> "TaskEvalConfig":
+        if self.metric == "pass_at_k" and not self.allow_code_execution:
+            raise ValueError("metric pass_at_k runs the model's generated code; set allow_code_execution: true "
+                             "in this eval section to allow it (each sample runs in its own sandboxed process)")
+        return self
 
     @classmethod
     def preset_defaults(cls, preset, data: dict) -> dict:

@@ -1,0 +1,101 @@
+"""Code scored by execution: right and wrong HumanEval completions score 1 and 0; loops, exits,
+huge allocations and stray writes end as failed samples without harming the trainer; nothing
+runs without the recipe's opt-in."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from safecl.cli import main
+from safecl.evaluation.execution import Limits, extract_code, humaneval_program, pass_at_k, run_sample
+from tests.conftest import ROOT, SMOKE
+
+HUMANEVAL = ROOT.parent / "shared" / "data" / "tasks" / "humaneval" / "HumanEval.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def problem():
+    with gzip.open(HUMANEVAL, "rt") as fh:
+        return json.loads(fh.readline())  # HumanEval/0, has_close_elements
+
+
+def run(problem, completion, timeout=3.0):
+    return run_sample(humaneval_program(problem["prompt"], completion, problem["test"], problem["entry_point"]),
+                      Limits(timeout=timeout))
+
+
+def test_the_canonical_solution_passes_and_a_wrong_one_fails(problem):
+    assert run(problem, problem["canonical_solution"]).passed
+    assert run(problem, f"```python\n{problem['prompt']}{problem['canonical_solution']}```").passed  # whole function
+    wrong = run(problem, "    return False\n")
+    assert not wrong.passed and "AssertionError" in wrong.status
+
+
+@pytest.mark.parametrize("completion, status", [
+    ("    while True:\n        pass\n", "timeout"),
+    ("    import sys\n    sys.exit(0)\n", "no result"),  # exits 0 before the tests: not a pass
+    ("    x = bytearray(8 * 2**30)\n    return True\n", "MemoryError"),
+    ("    os.system('touch {marker}')\n    return True\n", "sandbox"),
+])
+def test_hostile_completions_fail_and_harm_nothing(problem, completion, status, tmp_path):
+    marker = tmp_path / "written-by-the-sample"
+    out = run(problem, "    import os\n" + completion.format(marker=marker), timeout=2.0)
+    assert not out.passed and status in out.status
+    assert not marker.exists()
+
+
+def test_a_write_outside_the_working_directory_fails(problem, tmp_path):
+    target = tmp_path / "outside.txt"
+    out = run(problem, f"    open({str(target)!r}, 'w').write('x')\n    return True\n")
+    assert not out.passed and "writing outside the working directory" in out.status and not target.exists()
+    os.environ["HF_TOKEN"] = "hf_secret"
+    try:  # the sample sees no inherited secrets: it would exit 3 if it did
+        leak = run(problem, "    import os\n    if 'HF_TOKEN' in os.environ:\n        raise SystemExit(3)\n"
+                   + problem["canonical_solution"])
+        assert leak.passed
+    finally:
+        del os.environ["HF_TOKEN"]
+
+
+def test_extract_code_takes_the_first_python_block():
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+    assert extract_code("    return 1\n") == "    return 1\n"
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(5, 5, 3) == 1.0 and pass_at_k(5, 0, 1) == 0.0
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+CODE_EVAL = (f"stages.2.eval={{preset: humaneval, source: {HUMANEVAL}, limit: 3, max_new_tokens: 8, "
+             "allow_code_execution: true}")
+FAST = ["train.max_steps=2", "adapter.calibration_steps=1", "retention.harmful.limit=2", "retention.benign.limit=2",
+        "retention.max_new_tokens=4", "stages.1.eval.limit=2"]
+
+
+def test_code_never_runs_without_the_opt_in(tmp_path, capsys):
+    assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'x'}", *FAST, "--dry-run",
+                 CODE_EVAL.replace(", allow_code_execution: true", "")]) == 2
+    err = capsys.readouterr().err
+    assert "stages.2.eval" in err and "allow_code_execution: true" in err
+
+
+def test_a_run_scores_a_code_stage_by_pass_at_1(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(SMOKE), f"output_dir={out}", *FAST, CODE_EVAL]) == 0
+    matrix = json.loads((out / "retention.json").read_text())
+    assert "task:sentiment" in matrix["columns"]
+    rows = [json.loads(x) for x in (out / "stages" / "02-sentiment" / "answers.jsonl").read_text().splitlines()]
+    code = [r for r in rows if r["check"] == "task:sentiment"]
+    assert [r["answer"] for r in code] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert all(r["verdict"] == "wrong" and r["status"] != "passed" for r in code)  # a tiny random model
+    ev = next(e for e in json.loads((out / "stages" / "02-sentiment" / "metrics.json").read_text())["retention"][
+        "evals"] if e["name"] == "task:sentiment")
+    assert ev["measured_by"]["metric"] == "pass_at_k" and ev["n"] == 3 and ev["score"] == 0.0
+    assert main(["audit", str(out), "--json"]) == 0
+    assert "task:sentiment" in capsys.readouterr().out
