@@ -10,11 +10,15 @@ permutation per epoch, and resuming skips the micro-batches already consumed.
 
 A stage is *complete* once it has an entry in run.json (written after its retention check
 and gate); its checkpoint dir is then removed. On resume, completed stages are rebuilt from
-their saved adapters and masks, never recomputed.
+their saved adapters and masks, never recomputed. An unreadable checkpoint is not committed
+state: the stage then trains from its start (:func:`readable_checkpoint`). ``--restart-from
+STAGE`` drops that stage and every later one from the run's record and disk
+(:func:`forget_stages`), so they train again while earlier stages stay bit for bit.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +30,8 @@ from safecl.adapters.layer import LoRILinear
 from safecl.atomic import atomic_directory
 from safecl.errors import TrainingError
 from safecl.recipe.base import flatten_keys
+from safecl.recipe.schema import Recipe
+from safecl.training.rundir import stage_dir
 
 # Recipe keys whose change does not invalidate what was trained (eval and tracking settings, and
 # output_dir: a run directory moved or copied elsewhere resumes where it is).
@@ -95,3 +101,34 @@ def check_resumable(out: Path, resolved: str) -> None:
         raise TrainingError(f"--resume: the recipe changed since the run in {out} started; changed keys: "
                             f"{', '.join(unsafe)}. Only eval settings ({', '.join(SAFE_TO_CHANGE[:3])}, stages.N.eval) "
                             "and output_dir may change on resume; start a new output_dir instead")
+
+
+def readable_checkpoint(sdir: Path, echo) -> dict | None:
+    """The stage's mid-stage checkpoint, or None (with a note) when it is unreadable: it is not
+    committed state, so the stage then trains again from its start."""
+    try:
+        return load_checkpoint(sdir / "checkpoint")
+    except Exception as exc:  # noqa: BLE001 - any damage means the same: do not trust it
+        echo(f"[safecl] {sdir / 'checkpoint'} is unreadable ({type(exc).__name__}); the stage trains from its start")
+        return None
+
+
+def forget_stages(recipe: Recipe, run_info: dict, previous: dict, name: str, out: Path, main: bool, echo) -> dict:
+    """--restart-from NAME: drop NAME and every later stage (and their repair passes) from the
+    run's record and disk, so they train again; returns ``previous`` without their MLflow runs."""
+    names = [s.name for s in recipe.stages]
+    if name not in names:
+        raise TrainingError(f"--restart-from {name}: no such stage; the recipe's stages are {', '.join(names)}")
+    later = set(names[names.index(name):])
+    dropped = [e for e in run_info["stages"] if e["name"] in later or e.get("repair_of") in later]
+    run_info["stages"] = [e for e in run_info["stages"] if e not in dropped]
+    if main:
+        for i in range(names.index(name), len(names)):
+            shutil.rmtree(stage_dir(out, i, names[i]), ignore_errors=True)
+        for e in dropped:
+            shutil.rmtree(out / e["dir"], ignore_errors=True)
+    echo(f"[safecl] --restart-from {name}: stages {', '.join(n for n in names if n in later)} train again")
+    mlflow = dict(previous.get("mlflow") or {})
+    mlflow["children"] = {k: v for k, v in (mlflow.get("children") or {}).items()
+                          if k not in {e["name"] for e in dropped}}
+    return {**previous, "mlflow": mlflow}

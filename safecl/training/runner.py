@@ -38,7 +38,7 @@ from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_re
                                         check_sources, compute_direction, compute_probe_reference, record_probe)
 from safecl.safety.probe import PROBE_FILE
 from safecl.tracking import Tracker
-from safecl.training.checkpoint import check_resumable, load_checkpoint, load_stage_adapter
+from safecl.training.checkpoint import check_resumable, forget_stages, load_stage_adapter, readable_checkpoint
 from safecl.training.repair import repair
 from safecl.training.retention import RetentionTracker
 from safecl.training.rundir import RunLock, read_json, stage_dir, write_json, write_text
@@ -163,7 +163,7 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
         previous = read_json(out / "run.json")
     run_info.update({k: previous[k] for k in ("started", "stages", "started_from") if k in previous})
     if restart_from is not None:
-        previous = _forget_stages(recipe, run_info, previous, restart_from, out, main, echo)
+        previous = forget_stages(recipe, run_info, previous, restart_from, out, main, echo)
     done = {s["name"] for s in run_info["stages"]}
     mlflow = Tracker(recipe.tracking, out, enabled=main, run_name=out.name, existing=previous.get("mlflow"))
     run_info["mlflow"] = mlflow.ids()
@@ -200,7 +200,7 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
                     write_json(out / "run.json", run_info)
             continue
         settings = recipe.stage_settings(plan.index)
-        ckpt = _checkpoint(sdir, echo) if resume else None
+        ckpt = readable_checkpoint(sdir, echo) if resume else None
         echo(f"[safecl] stage {plan.index} '{stage.name}' ({stage.kind}): {plan.examples} examples, {plan.steps} steps"
              + (f", resuming at step {ckpt['step']}" if ckpt else ""))
         encoded, too_long = encode_all(tokenizer, examples, settings.max_seq_len)
@@ -274,37 +274,6 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
     mlflow.end("completed")
     accelerator.wait_for_everyone()
     return RunResult(out, "completed", run_info["stages"], model=model, tokenizer=tokenizer, main=main)
-
-
-def _checkpoint(sdir: Path, echo) -> dict | None:
-    """The stage's mid-stage checkpoint, or None (with a note) when it is unreadable: it is not
-    committed state, so the stage then trains again from its start."""
-    try:
-        return load_checkpoint(sdir / "checkpoint")
-    except Exception as exc:  # noqa: BLE001 - any damage means the same: do not trust it
-        echo(f"[safecl] {sdir / 'checkpoint'} is unreadable ({type(exc).__name__}); the stage trains from its start")
-        return None
-
-
-def _forget_stages(recipe: Recipe, run_info: dict, previous: dict, name: str, out: Path, main: bool, echo) -> dict:
-    """--restart-from NAME: drop NAME and every later stage (and their repair passes) from the
-    run's record and disk, so they train again; returns ``previous`` without their MLflow runs."""
-    names = [s.name for s in recipe.stages]
-    if name not in names:
-        raise TrainingError(f"--restart-from {name}: no such stage; the recipe's stages are {', '.join(names)}")
-    later = set(names[names.index(name):])
-    dropped = [e for e in run_info["stages"] if e["name"] in later or e.get("repair_of") in later]
-    run_info["stages"] = [e for e in run_info["stages"] if e not in dropped]
-    if main:
-        for i in range(names.index(name), len(names)):
-            shutil.rmtree(stage_dir(out, i, names[i]), ignore_errors=True)
-        for e in dropped:
-            shutil.rmtree(out / e["dir"], ignore_errors=True)
-    echo(f"[safecl] --restart-from {name}: stages {', '.join(n for n in names if n in later)} train again")
-    mlflow = dict(previous.get("mlflow") or {})
-    mlflow["children"] = {k: v for k, v in (mlflow.get("children") or {}).items()
-                          if k not in {e["name"] for e in dropped}}
-    return {**previous, "mlflow": mlflow}
 
 
 def _rebuild_stage(ctx: RunContext, run_info: dict, index: int, sdir: Path, owned: list[dict], command: str) -> None:
