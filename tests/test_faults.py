@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,8 +112,9 @@ def test_a_second_process_is_refused_while_the_first_creates_its_store(recipe, r
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "SAFECL_FAULT": "store:wait", "SAFECL_FAULT_DIR": str(signals)})
     try:
-        while not (signals / "store.reached").exists():
+        while not (signals / "store.reached").exists():  # an event, polled (the process starts up meanwhile)
             assert first.poll() is None, first.stderr.read()
+            time.sleep(0.02)
         for extra in ([], ["--resume"]):
             assert train(recipe, out, *extra) == 2
             err = capsys.readouterr().err
