@@ -131,8 +131,9 @@ class ProbeConfig(Section):
     """The refusal probe (safecl.safety.probe): probe retention measured during task stages from
     one forward pass over held-in harmful prompts, no generation. Needs ``refusal_direction``."""
 
-    every: PositiveInt = Field(10, description="Optimizer steps between two probes (and one at each stage end).")
-    limit: PositiveInt = Field(32, description="Harmful prompts probed: the first N of refusal_direction.harmful.")
+    every: PositiveInt = Field(25, description="Optimizer steps between two probes (plus one before the first step "
+                               "and one at the stage end).")
+    limit: PositiveInt = Field(16, description="Harmful prompts probed: the first N of refusal_direction.harmful.")
     batch_size: PositiveInt = 16
 
 
