@@ -16,6 +16,7 @@ older safecl) is read unchecked.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from safecl.errors import SafeclError
@@ -67,8 +68,6 @@ def verify_stage(stage_dir: str | Path, entry: dict, next_step: str | None = Non
 def verify_run(run_dir: str | Path, only: list[Path] | None = None) -> None:
     """Verify the committed stages recorded in ``run_dir``/run.json (those whose folder is in
     ``only``, when given). A missing or unreadable run.json verifies nothing (audit warns)."""
-    import json
-
     run_dir = Path(run_dir)
     try:
         entries = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("stages") or []

@@ -45,3 +45,12 @@ def recommit(run) -> None:
     for entry in info.get("stages", []):
         entry["files"] = digests(Path(run) / entry["dir"])
     info_path.write_text(json.dumps(info, indent=2))
+
+
+def train_smoke(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    """Train the smoke recipe with ``overrides`` into a fresh folder (in-process); its output_dir."""
+    from safecl.cli import main
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert main(["train", str(SMOKE), f"output_dir={out}", *overrides]) == 0
+    return out

@@ -8,7 +8,7 @@ from safecl.audit.answers import cohen_kappa, wilson
 from safecl.cli import main
 from safecl.evaluation.answers import read_answers
 from safecl.evaluation.judges import KeywordJudge
-from tests.conftest import SMOKE, recommit
+from tests.conftest import recommit, train_smoke
 
 FAST = ["train.max_steps=3", "adapter.calibration_steps=1", "retention.harmful.limit=6", "retention.benign.limit=5",
         "retention.max_new_tokens=6", "stages.1.eval.limit=4", "stages.2.eval.limit=3"]
@@ -16,9 +16,7 @@ FAST = ["train.max_steps=3", "adapter.calibration_steps=1", "retention.harmful.l
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("answers") / "run"
-    assert main(["train", str(SMOKE), f"output_dir={out}", *FAST]) == 0
-    return out
+    return train_smoke(tmp_path_factory, "answers", FAST)
 
 
 def checks_of(path):

@@ -16,7 +16,7 @@ from safecl.recipe import load_recipe
 from safecl.safety.direction import load_direction, refusal_direction
 from safecl.safety.probe import PROBE_FILE, load_reference, probe_retention, probe_score
 from safecl.training.checkpoint import load_stage_adapter
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, train_smoke
 
 DIRECTION = ("refusal_direction={harmful: {source: 'builtin:safety', where: {kind: harmful}, limit: 12}, "
              "harmless: {source: 'builtin:safety', where: {kind: benign}, limit: 12}}")
@@ -27,9 +27,7 @@ FAST = ["train.max_steps=6", "adapter.calibration_steps=1", "retention.harmful.l
 
 @pytest.fixture(scope="module")
 def watched_free(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe") / "free"
-    assert main(["train", str(SMOKE), f"output_dir={out}", *FAST]) == 0
-    return out
+    return train_smoke(tmp_path_factory, "probe", FAST)
 
 
 def _model_with_adapters(out):

@@ -36,10 +36,12 @@ def answer_sha1(response: str) -> str:
     return hashlib.sha1(response.encode("utf-8")).hexdigest()
 
 
-def load_answers(record) -> list[dict]:
-    """Every stored answer of a run (an audit RunRecord), base first, with ``stage`` and ``was``."""
-    sources = [("base", record.path / BASE_ANSWERS)]
-    sources += [(st.name, st.dir / ANSWERS) for st in record.stages if st.dir is not None]
+def load_answers(run_dir: str | Path, stages: list[tuple[str, str | Path | None]]) -> list[dict]:
+    """Every stored answer of a run, base first, then ``stages`` ((name, stage folder) in order),
+    each row with ``stage`` and, when its verdict changed since the previous checkpoint, ``was``."""
+    run_dir = Path(run_dir)
+    sources = [("base", run_dir / BASE_ANSWERS)]
+    sources += [(name, Path(folder) / ANSWERS) for name, folder in stages if folder is not None]
     rows, last = [], {}
     for stage, path in sources:
         if not path.is_file():
@@ -52,7 +54,7 @@ def load_answers(record) -> list[dict]:
             last[key] = (stage, row["verdict"])
             rows.append(row)
     if not rows:
-        raise SafeclError(f"{record.path}: no answers files (runs before safecl kept every answer have only "
+        raise SafeclError(f"{run_dir}: no answers files (runs before safecl kept every answer have only "
                           "the 5 samples per check in metrics.json)")
     return rows
 

@@ -81,7 +81,8 @@ def cmd_answers(args) -> int:
 
     if len(args.run_dirs) != 1:
         raise SafeclError("--answers, --rejudge and --labels read one run at a time")
-    rows = A.load_answers(load_run(args.run_dirs[0]))
+    record = load_run(args.run_dirs[0])
+    rows = A.load_answers(record.path, [(st.name, st.dir) for st in record.stages])
     if args.rejudge:
         doc = A.compare_judges(A.select(rows, args.answers, args.check, None), args.rejudge)
         print(json.dumps(doc, indent=2) if args.json else A.format_comparison(doc))

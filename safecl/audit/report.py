@@ -164,11 +164,10 @@ def answer_pages(a: dict, out: Path) -> list[list[str]]:
     """Write one HTML page per (checkpoint, check) of run ``a`` with every stored answer; returns
     the summary rows (the last cell the page's file name). [] when the run kept no answers."""
     from safecl.audit.answers import load_answers
-    from safecl.audit.load import load_run
     from safecl.errors import SafeclError
 
     try:
-        rows = load_answers(load_run(a["run_dir"]))
+        rows = load_answers(a["run_dir"], [(st["name"], st["dir"]) for st in a["stages"]])
     except SafeclError:
         return []
     groups: dict[tuple[str, str], list[dict]] = {}

@@ -111,7 +111,7 @@ class ProbeMonitor:
     def state(self) -> dict:
         return {"points": self.points, "seconds": self.seconds}
 
-    def load_state(self, state: dict, model) -> None:
+    def load_state(self, state: dict) -> None:
         """Resume: the points so far; the rollback target becomes the resume point when the last
         probe was at or above the threshold (the tensors of earlier probed steps are not stored)."""
         self.points, self.seconds = [list(p) for p in state["points"]], state["seconds"]

@@ -131,7 +131,7 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         for _ in range(resume["step"] * settings.grad_accum):
             next(stream)
         for m in monitors:
-            m.load_state(loop.get("monitors", {}).get(m.name, {"points": [], "seconds": 0.0}), wrapped)
+            m.load_state(loop.get("monitors", {}).get(m.name, {"points": [], "seconds": 0.0}))
     else:
         for m in monitors:
             m(wrapped, 0, False)

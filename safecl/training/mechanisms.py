@@ -130,27 +130,29 @@ def compute_direction(ctx, base_dir: Path, sdir: Path) -> dict | None:
     out = {"file": DIRECTION_FILE, "best_layer": info["best_layer"], "n_harmful": len(harmful),
            "n_harmless": len(harmless), "separation_best": float(info["separation"][info["best_layer"]]),
            "seconds": round(time.perf_counter() - start, 3)}
-    ref = compute_probe_reference(ctx, base_dir, sdir, info)
+    ref = compute_probe_reference(ctx, base_dir, sdir, info, harmful)
     if ref is not None:
         out["probe"] = ref
     return out
 
 
-def _probe_prompts(ctx, base_dir: Path) -> list[list[dict]]:
-    cfg = ctx.recipe.retention.probe
-    harmful, _ = load_examples(ctx.recipe.refusal_direction.harmful, base_dir, seed=ctx.recipe.seed,
-                               need_response=False)
-    return [e.prompt_messages for e in harmful[:cfg.limit]]
+def _probe_prompts(ctx, base_dir: Path, harmful: list | None = None) -> list[list[dict]]:
+    """The first ``retention.probe.limit`` of refusal_direction.harmful (``harmful``: already read)."""
+    if harmful is None:
+        harmful, _ = load_examples(ctx.recipe.refusal_direction.harmful, base_dir, seed=ctx.recipe.seed,
+                                   need_response=False)
+    return [e.prompt_messages for e in harmful[:ctx.recipe.retention.probe.limit]]
 
 
-def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | None = None) -> dict | None:
+def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | None = None,
+                            harmful: list | None = None) -> dict | None:
     """Right after the safety stage (the model as it is now): s(base) and s(safety) of the refusal
     probe (safecl.safety.probe), saved in the safety stage's directory. None without retention.probe."""
     if ctx.recipe.retention.probe is None:
         return None
     start = time.perf_counter()
     direction = direction if direction is not None else load_direction(sdir / DIRECTION_FILE)
-    ref = probe_reference(ctx.model, ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir), direction,
+    ref = probe_reference(ctx.model, ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir, harmful), direction,
                           ctx.recipe.retention.probe.batch_size)
     ref["seconds"] = round(time.perf_counter() - start, 3)
     if ctx.main:

@@ -74,8 +74,8 @@ def make_plan(recipe: Recipe, base_dir: Path) -> tuple[list[StagePlan], list]:
 
 
 def check_output_dir(out: Path, resolved: str, resume: bool, command: str) -> None:
-    """Refuse an output_dir that holds a different run; fail early when it is not writable.
-    ``command``: the user's train command without --resume (named in the messages)."""
+    """Refuse an output_dir that holds a different run (an unwritable one was refused when its
+    lock was taken). ``command``: the user's train command without --resume (named in the messages)."""
     prev = out / "recipe.resolved.yaml"
     if resume:
         check_resumable(out, resolved)
@@ -88,13 +88,6 @@ def check_output_dir(out: Path, resolved: str, resume: bool, command: str) -> No
         raise TrainingError(f"output_dir {out} already holds a {status} run of this recipe; "
                             + (f"continue it with: {command} --resume" if status != "completed"
                                else "choose another output_dir"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingError(f"cannot write to output_dir {out}: {exc.strerror}") from None
 
 
 def _echo(message: str) -> None:
