@@ -160,6 +160,15 @@ def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | N
     return ref
 
 
+def probe_reference_outdated(ctx, base_dir: Path, sdir: Path) -> bool:
+    """The probe is on and its reference is missing or was measured on another number of prompts
+    (``retention.probe.limit`` may change at ``--resume``); call on the post-safety model."""
+    if ctx.recipe.retention.probe is None:
+        return False
+    path = sdir / PROBE_FILE
+    return not path.is_file() or load_reference(path)["n"] != len(_probe_prompts(ctx, base_dir))
+
+
 def build_monitor(ctx, index: int, base_dir: Path) -> ProbeMonitor | None:
     """The refusal probe of task stage ``index`` (with the gate's watch threshold), or None."""
     cfg, gate = ctx.recipe.retention.probe, ctx.recipe.gate

@@ -35,8 +35,8 @@ from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
 from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_monitor, build_terms,
-                                        check_sources, compute_direction, compute_probe_reference, record_probe)
-from safecl.safety.probe import PROBE_FILE
+                                        check_sources, compute_direction, compute_probe_reference,
+                                        probe_reference_outdated, record_probe)
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, forget_stages, load_stage_adapter, readable_checkpoint
 from safecl.training.repair import repair
@@ -182,8 +182,12 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
                 safety_B = {n: l.B_frozen.detach().clone() for n, l in layers.items()}
                 if recipe.refusal_direction is not None and not (sdir / DIRECTION_FILE).is_file():
                     compute_direction(ctx, base_dir, sdir)
-                elif recipe.retention.probe is not None and not (sdir / PROBE_FILE).is_file():
-                    compute_probe_reference(ctx, base_dir, sdir)  # probe switched on at resume
+                elif probe_reference_outdated(ctx, base_dir, sdir):  # probe switched on or resized at resume
+                    compute_probe_reference(ctx, base_dir, sdir)
+                    entry = next(e for e in run_info["stages"] if e["name"] == stage.name)
+                    if main and "files" in entry:  # the reference is part of the stage's commit
+                        entry["files"] = digests(sdir)
+                        write_json(out / "run.json", run_info)
             echo(f"[safecl] stage {plan.index} '{stage.name}' already complete: loaded from {sdir}")
             if adopted and tracker.enabled and not tracker.has_row(stage.name):
                 tracker.check_stage(plan.index, read_json(sdir / "metrics.json"))  # rewrites its metrics.json
