@@ -16,12 +16,14 @@ For LoRA, LoRI-D and LoRI-S (rank 32 on all seven projections, batch 4 x 512 tok
    random weights) so the code path is proven; ``--shape 8b`` needs a GPU with ~40 GB.
 
     python benchmarks/scale_8b.py                    # budget of the 8B shape + the small shape measured
-    python benchmarks/scale_8b.py --shape 8b         # on a GPU: the real shape measured (bf16)
+    python benchmarks/scale_8b.py --shape 8b --checkpointing --steps 5   # on a GPU: the real shape (bf16)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 import time
 
@@ -87,15 +89,27 @@ def print_budget(cfg: dict, rank: int, density: float, batch: int, seq: int) -> 
 
 
 def measure(cfg: dict, method: str, rank: int, density: float, batch: int, seq: int, steps: int, device: str,
-            dtype: torch.dtype) -> dict:
+            dtype: torch.dtype, checkpointing: bool = False) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from safecl.adapters import inject_adapters, trainable_parameters
 
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(device=device, dtype=dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built where it runs, in its dtype: no 32 GB fp32 copy of 8B on the host
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**cfg))
+    finally:
+        torch.set_default_dtype(default)
     for p in model.parameters():
         p.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = inject_adapters(model, TARGETS, rank, 2 * rank, seed=0, train_A=method == "lora")
     model.to(device)
     for layer in layers.values():
@@ -107,8 +121,6 @@ def measure(cfg: dict, method: str, rank: int, density: float, batch: int, seq: 
     params = trainable_parameters(layers)
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps + 1):  # the first step warms up (allocations, kernels)
         t0 = time.perf_counter()
@@ -122,7 +134,7 @@ def measure(cfg: dict, method: str, rank: int, density: float, batch: int, seq: 
             times.append(time.perf_counter() - t0)
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     sec = sum(times) / len(times)
-    return {"method": method, "trainable": sum(p.numel() for p in params), "tensors": len(params), "step_s": sec,
+    return {"method": method, "checkpointing": checkpointing, "trainable": sum(p.numel() for p in params), "tensors": len(params), "step_s": sec,
             "tokens_per_s": batch * seq / sec, "optimizer_state_bytes": state,
             "peak_gb": torch.cuda.max_memory_allocated() / GB if device == "cuda" else None}
 
@@ -135,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    ap.add_argument("--json", help="write the measured rows (and the device) to this file")
     args = ap.parse_args(argv)
     print_budget(LLAMA3_8B, args.rank, args.density, args.batch, args.seq)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,17 +159,31 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"\nmeasured on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
           f"{args.shape} shape, {dtype}, {args.steps} steps after one warm-up:")
-    rows = [measure(cfg, m, args.rank, args.density, args.batch, args.seq, args.steps, device, dtype)
-            for m in METHODS]
+    rows = []
+    for ckpt in ([False, True] if args.checkpointing else [False]):
+        group = [measure(cfg, m, args.rank, args.density, args.batch, args.seq, args.steps, device, dtype, ckpt)
+                 for m in METHODS]
+        print_rows(group, ckpt)
+        rows += group
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "shape": args.shape,
+                       "dtype": str(dtype), "torch": torch.__version__, "rank": args.rank, "density": args.density,
+                       "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}, f, indent=1)
+    return 0
+
+
+def print_rows(rows: list[dict], checkpointing: bool) -> None:
     ref = rows[0]
+    print(f"  gradient checkpointing {'on' if checkpointing else 'off'}:")
     print(f"  {'method':<8} {'trainable':>12} {'s/step':>8} {'tokens/s':>9} {'optim MB':>9} {'peak GB':>8}   "
-          "ratios to lora (step time, optimizer state)")
+          "ratios to lora (step time, optimizer state, peak memory)")
     for r in rows:
         peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+        peak_ratio = "" if r["peak_gb"] is None else f", {r['peak_gb'] / ref['peak_gb']:.3f}"
         print(f"  {r['method']:<8} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} "
               f"{r['optimizer_state_bytes'] / 2**20:>9.2f} {peak:>8}   {r['step_s'] / ref['step_s']:.2f}, "
-              f"{r['optimizer_state_bytes'] / ref['optimizer_state_bytes']:.3f}")
-    return 0
+              f"{r['optimizer_state_bytes'] / ref['optimizer_state_bytes']:.3f}{peak_ratio}")
 
 
 if __name__ == "__main__":

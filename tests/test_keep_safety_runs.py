@@ -113,6 +113,8 @@ def test_mechanism_keys_are_refused_on_the_safety_stage_and_without_a_direction(
     assert rc == 2 and "refusal_direction" in se
     rc, _, se = _train(path, "stages.0.replay={share: 0.1}", "stages.1.anchor=null")
     assert rc == 2 and "apply to task stages" in se
+    rc, _, se = _train(path, "stages.0.anchor={loss: kl}", "stages.1.anchor=null")  # no benign prompts named
+    assert rc == 2 and "its own `prompts`" in se
 
 
 def test_repair_fires_on_an_unmeetable_threshold_and_records_its_stages(tmp_path):

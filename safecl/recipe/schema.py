@@ -140,16 +140,20 @@ class StageConfig(StageOverrides):
     eval: TaskEvalConfig | None = Field(None, description="Held-out set scored after this and every later stage.")
     density: Density | None = Field(None, description="lori-s: this stage's mask density (default adapter.density).")  # type: ignore[valid-type]
     replay: ReplayConfig | None = Field(None, description="Task stage: mix rows of the safety stage (or a source) in.")
-    anchor: AnchorConfig | None = Field(None, description="Task stage: hold answers on anchor prompts to the model "
-                                        "before the stage.")
+    anchor: AnchorConfig | None = Field(None, description="Hold answers on anchor prompts to the model before the "
+                                        "stage (safety stage: benign `prompts` held to the base model's answers).")
     merge: SafetyMergeConfig | None = Field(None, description="Task stage: after training, scale the stage's "
                                             "entries down where its update conflicts with the safety stage's.")
 
     @model_validator(mode="after")
     def _safety_stage_plain(self) -> "StageConfig":
-        used = [k for k in ("replay", "anchor", "merge") if getattr(self, k) is not None]
+        used = [k for k in ("replay", "merge") if getattr(self, k) is not None]
         if self.kind == "safety" and used:
             raise ValueError(f"`{'`, `'.join(used)}` apply to task stages; stage {self.name!r} is the safety stage")
+        if self.kind == "safety" and self.anchor is not None and (self.anchor.prompts is None
+                                                                  or self.anchor.loss != "kl"):
+            raise ValueError(f"the safety stage {self.name!r} takes an `anchor` only with `loss: kl` and its own "
+                             "`prompts` (benign prompts whose base-model answers it holds)")
         return self
 
 

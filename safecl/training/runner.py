@@ -117,6 +117,14 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
         return _run(recipe, recipe_path, accelerator, echo, resume, restart_from, command)
 
 
+def _device_name(accelerator) -> str:
+    """Where the run trained, for the record: e.g. 'cuda (NVIDIA H200) x 2 processes'."""
+    dev = accelerator.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    procs = accelerator.num_processes
+    return dev.type + (f" ({name})" if name else "") + (f" x {procs} processes" if procs > 1 else "")
+
+
 def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_from: str | None,
          command: str) -> RunResult:
     base_dir = recipe_dir(recipe_path)
@@ -143,7 +151,8 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
     ctx = RunContext(recipe, out, accelerator, model, tokenizer, layers, shapes, total_entries(shapes), main)
     previous = read_json(out / "run.json") if resume and (out / "run.json").is_file() else {}
     run_info = {"safecl_version": __version__, "status": "running", "started": _now(), "model": recipe.model.name,
-                "method": a.method, "adapted_modules": len(layers), "b_entries": ctx.capacity, "stages": []}
+                "method": a.method, "adapted_modules": len(layers), "b_entries": ctx.capacity,
+                "device": _device_name(accelerator), "stages": []}
     run_info["resumed"] = previous.get("resumed", 0) + 1 if previous else 0
     adopted = bool(recipe.start_from) and not previous
     if adopted:  # a fresh run that starts from another run's stage: copy it in, then go on as resumed
