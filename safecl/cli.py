@@ -139,6 +139,9 @@ def relaunch(args) -> int:
     """Re-run this command under ``accelerate launch`` with N processes (DDP; on CPU, gloo)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
     if args.accelerate_config:
+        from safecl.training.sharding import check_accelerate_config
+
+        check_accelerate_config(args.accelerate_config)
         cmd += ["--config_file", args.accelerate_config]
     else:
         cmd += ["--multi_gpu"]  # DDP; accelerate falls back to gloo on CPU-only machines

@@ -33,6 +33,7 @@ from safecl.data.formatting import IGNORE, Encoded, collate
 from safecl.errors import TrainingError
 from safecl.faults import fault_point
 from safecl.recipe.schema import TrainSettings
+from safecl.training.sharding import average_gradients, is_sharded
 
 
 @dataclass
@@ -114,7 +115,12 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
     warmup = int(settings.warmup_ratio * steps)
     scheduler = get_scheduler(settings.scheduler if settings.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    sharded = is_sharded(model)  # FSDP2 by safecl (training/sharding.py): no DDP wrapper, gradients averaged below
+    if sharded:
+        wrapped = model
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+    data_parallel = accelerator.num_processes > 1 and not sharded
     wrapped.train()
     stream = micro_batches(data, settings.batch_size, seed, accelerator.process_index, accelerator.num_processes)
     result = LoopResult()
@@ -146,7 +152,7 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
         step_loss = 0.0
         for term in terms:  # before the task micro-batches: their last backward syncs DDP gradients
             t0 = time.perf_counter()
-            with accelerator.no_sync(wrapped) if accelerator.num_processes > 1 else nullcontext():
+            with accelerator.no_sync(wrapped) if data_parallel else nullcontext():
                 value = term(wrapped, step)
                 accelerator.backward(value)
             result.term_values.setdefault(term.name, []).append(_global_sum(float(value.detach()), accelerator)
@@ -154,7 +160,7 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
             result.term_seconds[term.name] = result.term_seconds.get(term.name, 0.0) + time.perf_counter() - t0
         for j, batch in enumerate(group):
             sync = j == len(group) - 1
-            ctx = accelerator.no_sync(wrapped) if not sync and accelerator.num_processes > 1 else nullcontext()
+            ctx = accelerator.no_sync(wrapped) if not sync and data_parallel else nullcontext()
             with ctx:
                 loss_sum, _ = response_loss(wrapped, batch)
                 # DDP averages gradients over ranks: scale so the result is sum / global tokens
@@ -166,7 +172,11 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
             bar.close()
             raise TrainingError(f"{desc}: loss is {step_loss} at step {step}; stopping the stage "
                                 "(lower the learning rate or check the data). Earlier stages' artifacts are intact.")
-        if settings.max_grad_norm is not None:
+        if sharded:
+            average_gradients(params)
+        if settings.max_grad_norm is not None and sharded:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        elif settings.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()

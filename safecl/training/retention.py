@@ -23,6 +23,7 @@ from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 from safecl.faults import fault_point
 from safecl.recipe.schema import Recipe
 from safecl.training.rundir import stage_dir, write_json
+from safecl.training.sharding import is_sharded
 
 
 def sharded_generate(accelerator):
@@ -31,9 +32,13 @@ def sharded_generate(accelerator):
 
     def run(model, tokenizer, prompts, *args, **kwargs):
         mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-        local = generate(model, tokenizer, [prompts[i] for i in mine], *args, **kwargs) if mine else []
+        run_on = list(mine)
+        if is_sharded(model) and prompts:  # every rank runs the same number of batches (forwards all-gather)
+            width = -(-len(prompts) // accelerator.num_processes)
+            run_on += [run_on[-1] if run_on else 0] * (width - len(run_on))
+        local = generate(model, tokenizer, [prompts[i] for i in run_on], *args, **kwargs) if run_on else []
         responses: list = [None] * len(prompts)
-        for i, r in gather_object(list(zip(mine, local))):
+        for i, r in gather_object(list(zip(mine, local[:len(mine)]))):  # padding answers are dropped
             responses[i] = r
         return responses
 

@@ -34,6 +34,7 @@ from safecl.recipe.schema import Recipe
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
+from safecl.training.sharding import fsdp_requested, local_share, refuse_deepspeed, shard_base
 from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_monitor, build_terms,
                                         check_sources, compute_direction, compute_probe_reference,
                                         probe_reference_outdated, record_probe)
@@ -112,6 +113,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     """
     out = Path(recipe.output_dir)
     command = command or f"safecl train {recipe_path}"
+    refuse_deepspeed()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with RunLock(out) if accelerator.is_main_process else nullcontext():
         return _run(recipe, recipe_path, accelerator, echo, resume, restart_from, command)
@@ -122,7 +124,8 @@ def _device_name(accelerator) -> str:
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     procs = accelerator.num_processes
-    return dev.type + (f" ({name})" if name else "") + (f" x {procs} processes" if procs > 1 else "")
+    fsdp = ", FSDP2" if fsdp_requested() else ""
+    return dev.type + (f" ({name})" if name else "") + (f" x {procs} processes{fsdp}" if procs > 1 else "")
 
 
 def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_from: str | None,
@@ -147,6 +150,11 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
     layers = inject_adapters(model, a.target_modules, a.rank, a.alpha, recipe.adapter_seed,
                              train_A=a.method == "lora", dropout=a.dropout)
     model.to(accelerator.device)
+    if fsdp_requested():
+        blocks = shard_base(model, layers, accelerator.device)
+        held, total = local_share(model)
+        echo(f"[safecl] FSDP2: base weights sharded over {accelerator.num_processes} processes ({blocks} blocks; "
+             f"rank 0 holds {held:,} of {total:,} entries); adapters replicated")
     shapes = {n: tuple(l.B_frozen.shape) for n, l in layers.items()}
     ctx = RunContext(recipe, out, accelerator, model, tokenizer, layers, shapes, total_entries(shapes), main)
     previous = read_json(out / "run.json") if resume and (out / "run.json").is_file() else {}
