@@ -11,8 +11,11 @@ written after stage k, A^(k) its A):
 
 Then the GPU run's final B against the CPU run's: mask agreement (Jaccard, per stage) and the
 largest absolute difference of B on the entries both runs own (float order differs, so not 0).
+``--fsdp`` adds two runs through safecl's FSDP2 path (torchrun, one process: nothing to shard
+across, but the same fully_shard, lockstep generation and gradient all-reduce), in fp32 and with
+bf16 base compute, each checked and compared with the plain device run.
 
-    python benchmarks/gpu_check.py --out /tmp/gpu-check     # prints a table, exits 1 on a broken invariant
+    python benchmarks/gpu_check.py --out /tmp/gpu-check [--fsdp]   # prints JSON, exits 1 on a broken invariant
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ from safecl.adapters.export import load_adapter_tensors, load_mask, module_name
 from safecl.adapters.layer import seeded_projection
 
 
-def train(out: Path, cpu: bool) -> float:
+def train(out: Path, cpu: bool = False, fsdp: str | None = None) -> float:
+    """One smoke run; ``fsdp`` ("no" or "bf16"): under torchrun with FSDP2 asked for, one process."""
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {}))
+    cmd = [sys.executable, "-m", "safecl"]
+    if fsdp is not None:
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", ACCELERATE_MIXED_PRECISION=fsdp)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "safecl"]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "safecl", "train", "recipes/smoke.yaml", "tracking.enabled=false",
-                    f"output_dir={out}"], check=True, env=env)
+    subprocess.run([*cmd, "train", "recipes/smoke.yaml", "tracking.enabled=false", f"output_dir={out}"],
+                   check=True, env=env)
     return time.perf_counter() - start
 
 
@@ -94,22 +102,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/gpu-check", help="directory for the two runs")
     ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--fsdp", action="store_true", help="also train under FSDP2 (one process, fp32 and bf16) and "
+                    "compare with the plain device run")
     args = ap.parse_args(argv)
     out = Path(args.out)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no accelerator seen)"
     result = {"device": device, "torch": torch.__version__, "seconds": {}, "broken": {}}
-    for name, cpu in (("device", False), ("cpu", True)):
-        result["seconds"][name] = round(train(out / name, cpu), 1)
+    runs = [("device", False, None), ("cpu", True, None)]
+    if args.fsdp:
+        runs += [("device-fsdp2", False, "no"), ("device-fsdp2-bf16", False, "bf16")]
+    for name, cpu, fsdp in runs:
+        result["seconds"][name] = round(train(out / name, cpu, fsdp), 1)
         result["broken"][name] = check_run(out / name)
         result.setdefault("trained_on", {})[name] = json.loads((out / name / "run.json").read_text())["device"]
     if torch.cuda.is_available() and not result["trained_on"]["device"].startswith("cuda"):
         result["broken"]["device"].append(f"a GPU is visible but the run trained on {result['trained_on']['device']}")
     result["device_vs_cpu"] = compare(out / "device", out / "cpu")
+    if args.fsdp:
+        result["device_fsdp2_vs_device"] = compare(out / "device-fsdp2", out / "device")
+        result["device_fsdp2_bf16_vs_device"] = compare(out / "device-fsdp2-bf16", out / "device")
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     ok = not any(result["broken"].values())
-    print("invariants hold on both runs" if ok else "BROKEN invariants: see 'broken'")
+    print("invariants hold on every run" if ok else "BROKEN invariants: see 'broken'")
     return 0 if ok else 1
 
 

@@ -125,7 +125,7 @@ def _device_name(accelerator) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     procs = accelerator.num_processes
     fsdp = ", FSDP2" if fsdp_requested() else ""
-    return dev.type + (f" ({name})" if name else "") + (f" x {procs} processes{fsdp}" if procs > 1 else "")
+    return dev.type + (f" ({name})" if name else "") + (f" x {procs} processes" if procs > 1 else "") + fsdp
 
 
 def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_from: str | None,

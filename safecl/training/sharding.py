@@ -70,8 +70,8 @@ def check_accelerate_config(path: str) -> None:
 
 
 def fsdp_requested() -> bool:
-    """The launching accelerate config asked for FSDP (and there is more than one process)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    """A distributed launcher (accelerate, torchrun) started this process with FSDP asked for."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "WORLD_SIZE" in os.environ
 
 
 def is_sharded(model) -> bool:
