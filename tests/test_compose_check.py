@@ -15,6 +15,7 @@ from safecl.adapters.compose import compose, read_run
 from safecl.adapters.export import load_mask, module_name, peft_key
 from safecl.cli import main
 from safecl.errors import SafeclError
+from safecl.evaluation.answers import read_answers
 from tests.conftest import SMOKE
 
 # Small, fast runs. lr 0.5 makes the adapter change the tiny model's responses (at the smoke
@@ -245,9 +246,14 @@ def test_check_of_a_plain_peft_adapter_matches_the_runs_own_check(runs, tmp_path
     run = runs["lori-s"]
     adapter = peft_copy(run, tmp_path / "peft")
     code, out, _ = cli(capsys, "check", "builtin:tiny-llama", "--adapter", adapter, "--recipe", SMOKE, *OVERRIDES,
-                       "--json")
+                       "--json", "--answers", tmp_path / "answers.jsonl")
     assert code == 0
     doc = json.loads(out)
+    # --answers: every answer, as the run's own answers file of that stage has them
+    keys = ("check", "i", "prompt", "response", "verdict")
+    mine = [tuple(r[k] for k in keys) for r in read_answers(tmp_path / "answers.jsonl")]
+    theirs = [tuple(r[k] for k in keys) for r in read_answers(run / "stages" / STAGES[-1] / "answers.jsonl")]
+    assert mine == theirs and len(mine) == sum(e["n"] for e in doc["check"]["evals"])
     row = json.loads((run / "retention.json").read_text())["rows"][-1]
     assert row["stage"] == "sentiment"
     assert {e["name"]: e["score"] for e in doc["check"]["evals"]} == row["scores"]

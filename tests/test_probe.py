@@ -121,3 +121,20 @@ def test_audit_carries_the_probe_curve_and_the_report_draws_it(watched_free, tmp
     assert [p["global_step"] for p in curve] == list(range(6, 13)) + list(range(12, 19))  # safety: 6 steps
     assert (tmp_path / "rep" / "probe.png").stat().st_size > 1000
     assert "Refusal probe during training" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_correlation_benchmark_math_against_hand_values():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("probe_correlation", ROOT / "benchmarks" / "probe_correlation.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    assert pc.ranks([3.0, 1.0, 1.0, 2.0]) == [4.0, 1.5, 1.5, 3.0]  # ties share the mean rank
+    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) without ties: one swapped pair of 4 -> 1 - 6 * 2 / 60 = 0.8
+    assert abs(pc.spearman([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
+    assert abs(pc.spearman([1, 2, 3], [30, 20, 10]) + 1.0) < 1e-12
+    assert abs(pc.pearson([1, 2, 3], [2, 4, 7]) - 0.9933992677987828) < 1e-12
+    lo, hi = pc.bootstrap_rho([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 6, 5], reps=200)
+    assert -1.0 <= lo <= 0.943 <= hi <= 1.0

@@ -178,8 +178,10 @@ def load_adapter(model, adapter_dir: Path):
 def run_check(model: str, adapter: str | Path | None = None, recipe: str | Path | None = None,
               overrides: list[str] | tuple[str, ...] = (), baseline: bool = False, seed: int | None = None,
               dtype: str | None = None, keep_samples: int | None = 5, progress: bool | None = None,
-              echo=print) -> dict:
-    """Check MODEL (+ adapter); returns the JSON document ``safecl check --json`` prints."""
+              echo=print, answers: str | Path | None = None) -> dict:
+    """Check MODEL (+ adapter); returns the JSON document ``safecl check --json`` prints.
+    ``answers``: also write every prompt, answer and verdict of the (adapter's) check there, as
+    JSONL rows of a run's answers file (for reading, ``--rejudge`` and labelling)."""
     import torch
 
     from safecl import __version__
@@ -194,6 +196,9 @@ def run_check(model: str, adapter: str | Path | None = None, recipe: str | Path 
     if baseline and adapter is None:
         raise SafeclError("--baseline compares the model with an adapter against the bare model: give --adapter")
     check_model_source(model)
+    shown = keep_samples
+    if answers is not None:
+        keep_samples = None  # every answer for the file; the document keeps `shown`
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
     rec, base_dir = None, Path.cwd()
     if recipe is not None:
@@ -229,6 +234,11 @@ def run_check(model: str, adapter: str | Path | None = None, recipe: str | Path 
     base_result = check(m, model) if baseline else None
     net = load_adapter(m, adapter_dir) if adapter_dir is not None else m
     result = check(net, f"{model} + {adapter_dir}" if adapter_dir is not None else model)
+    if answers is not None:
+        from safecl.evaluation.answers import write_answers
+
+        write_answers(answers, result)
+        echo(f"[safecl] every answer: {answers}")
     retention = None
     if base_result is not None:
         b = base_result["refusal"].score
@@ -256,8 +266,8 @@ def run_check(model: str, adapter: str | Path | None = None, recipe: str | Path 
         "retention_config": cfg.model_dump(mode="json"),
         "judge": judge.describe(),
         "tasks": [name for name, _ in tasks],
-        "check": result.to_dict(),
-        "baseline": base_result.to_dict() if base_result is not None else None,
+        "check": result.to_dict(keep=shown),
+        "baseline": base_result.to_dict(keep=shown) if base_result is not None else None,
         "safety_retention": retention,
         "load_seconds": load_seconds,
         "notes": notes,
@@ -382,6 +392,8 @@ def configure_check_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="also check the bare model and print safety retention = refusal(adapter) / refusal(bare)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--report", metavar="DIR", help="write DIR/report.html (self-contained) and DIR/check.json")
+    p.add_argument("--answers", metavar="FILE", help="write every prompt, answer and verdict to FILE (JSONL, as a "
+                   "run's answers.jsonl: `safecl audit` can read, re-judge and label it)")
     p.add_argument("--seed", type=int, default=None, help="bootstrap / sampling seed and builtin:tiny-llama weights "
                    "(default: the recipe's seed, else 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -393,7 +405,8 @@ def configure_check_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 def cmd_check(args) -> int:
     echo = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     doc = run_check(args.model, args.adapter, args.recipe, list(args.overrides), baseline=args.baseline,
-                    seed=args.seed, dtype=args.dtype, progress=False if args.json else None, echo=echo)
+                    seed=args.seed, dtype=args.dtype, progress=False if args.json else None, echo=echo,
+                    answers=args.answers)
     if args.report:
         paths = write_check_report(doc, args.report)
         doc["report"] = {k: str(v) for k, v in paths.items()}
