@@ -46,6 +46,13 @@ def fsdp(tmp_path_factory):
     return out, proc.stdout
 
 
+def _same_masks_and_losses(one, other, stage: str, tolerance: float) -> None:
+    a, b = (load_file(r / "stages" / stage / "mask.safetensors") for r in (one, other))
+    assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: masks differ from the 1-process run's"
+    la, lb = (json.loads((r / "stages" / stage / "metrics.json").read_text())["train"]["losses"] for r in (one, other))
+    assert max(abs(x - y) for x, y in zip(la, lb)) < tolerance
+
+
 def _adapter(run, stage):
     return load_file(run / "stages" / stage / "adapter" / "adapter_model.safetensors")
 
@@ -56,11 +63,7 @@ def test_two_processes_match_one(tmp_path, one):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "relaunching" in proc.stdout and proc.stdout.count("run completed") == 1  # only rank 0 reports
     for d in STAGES:
-        a, b = load_file(one / "stages" / d / "mask.safetensors"), load_file(two / "stages" / d / "mask.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{d}: masks differ between 1 and 2 processes"
-        la = json.loads((one / "stages" / d / "metrics.json").read_text())["train"]["losses"]
-        lb = json.loads((two / "stages" / d / "metrics.json").read_text())["train"]["losses"]
-        assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+        _same_masks_and_losses(one, two, d, 1e-4)
     ra, rb = (json.loads((d / "retention.json").read_text()) for d in (one, two))
     assert [r["stage"] for r in rb["rows"]] == ["base", "safety", "arithmetic", "sentiment"]
     assert ra["rows"] == rb["rows"]
@@ -87,11 +90,7 @@ def test_fsdp2_shards_the_base_and_matches_one_process(one, fsdp):
     assert abs(held / total - 0.5) < 0.01  # each rank holds half of the base weights
     assert json.loads((run / "run.json").read_text())["device"] == "cpu x 2 processes, FSDP2"
     for d in STAGES:
-        a, b = load_file(one / "stages" / d / "mask.safetensors"), load_file(run / "stages" / d / "mask.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{d}: masks differ between 1 process and FSDP"
-        la = json.loads((one / "stages" / d / "metrics.json").read_text())["train"]["losses"]
-        lb = json.loads((run / "stages" / d / "metrics.json").read_text())["train"]["losses"]
-        assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+        _same_masks_and_losses(one, run, d, 1e-5)
         pa, pb = _adapter(one, d), _adapter(run, d)
         # the full PEFT adapter (every module's A and B, whole shapes), not a rank's shard
         assert set(pa) == set(pb) and all(pa[k].shape == pb[k].shape for k in pa)
