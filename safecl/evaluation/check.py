@@ -127,6 +127,8 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
     max_new = task.max_new_tokens or cfg.max_new_tokens
     if task.metric == "pass_at_k":
         return _code_set(task_name, task, examples, model, tokenizer, cfg, seed, keep, progress, generate, start)
+    if task.metric == "harness":
+        return _harness_set(task_name, task, examples, answers, model, tokenizer, cfg, seed, keep, max_new, start)
     if task.metric == "label_accuracy":
         labels = task.labels or sorted(set(answers))
         score_fn = partial(label_accuracy, labels=labels)
@@ -150,6 +152,25 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
         samples=_keep(samples, keep), seconds=time.perf_counter() - start,
         n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new,
+    )
+
+
+def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answers: list[str], model, tokenizer,
+                 cfg: RetentionConfig, seed, keep, max_new: int, start) -> EvalResult:
+    """Scored by lm-evaluation-harness (safecl.evaluation.harness) on the same examples. Every rank
+    runs all of them (identical greedy answers), so it needs no gather."""
+    from safecl.evaluation.harness import harness_lm, run_harness
+
+    questions = [_last_user_text(ex.prompt_messages) for ex in examples]
+    out = run_harness(task.harness, questions, answers, harness_lm(model, tokenizer, cfg.batch_size), max_new)
+    values = out["values"]
+    samples = [{"prompt": q, "response": r, "answer": a, "verdict": v == 1.0, "extracted": x}
+               for q, r, a, v, x in zip(questions, out["responses"], answers, values, out["extracted"])]
+    return EvalResult(
+        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
+        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=out["measured_by"],
+        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
+        n_empty=sum(not r.strip() for r in out["responses"]), max_new_tokens=max_new,
     )
 
 

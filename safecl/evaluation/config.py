@@ -94,12 +94,15 @@ class TaskEvalConfig(DataConfig):
 
     split: str = "test"
     limit: PositiveInt | None = 32
-    metric: Literal["exact_match", "label_accuracy", "pass_at_k"] = Field(
+    metric: Literal["exact_match", "label_accuracy", "pass_at_k", "harness"] = Field(
         "exact_match",
         description="exact_match: last number in the response equals the answer; "
         "label_accuracy: first label word in the response equals the answer; "
-        "pass_at_k: the generated code passes the task's tests (greedy pass@1; needs allow_code_execution).",
+        "pass_at_k: the generated code passes the task's tests (greedy pass@1; needs allow_code_execution); "
+        "harness: lm-evaluation-harness scores it with the template named by `harness` (safecl.evaluation.harness).",
     )
+    harness: Literal["gsm8k"] | None = Field(
+        None, description="metric harness: the harness task template run over this eval's examples (local, offline).")
     labels: list[str] | None = Field(None, description="label_accuracy: the label words (default: the answers seen).")
     max_new_tokens: PositiveInt | None = Field(None, description="Override retention.max_new_tokens for this task.")
     allow_code_execution: bool = Field(
@@ -110,6 +113,9 @@ class TaskEvalConfig(DataConfig):
 
     @model_validator(mode="after")
     def _code_opt_in(self) -> "TaskEvalConfig":
+        if (self.metric == "harness") != (self.harness is not None):
+            raise ValueError("metric harness and the `harness` template go together (e.g. metric: harness, "
+                             "harness: gsm8k)")
         if self.metric == "pass_at_k" and not self.allow_code_execution:
             raise ValueError("metric pass_at_k runs the model's generated code; set allow_code_execution: true "
                              "in this eval section to allow it (each sample runs in its own sandboxed process)")
