@@ -99,3 +99,34 @@ def test_a_run_scores_a_code_stage_by_pass_at_1(tmp_path, capsys):
     assert ev["measured_by"]["metric"] == "pass_at_k" and ev["n"] == 3 and ev["score"] == 0.0
     assert main(["audit", str(out), "--json"]) == 0
     assert "task:sentiment" in capsys.readouterr().out
+
+
+def test_sampled_pass_at_k_counts_each_problems_passing_answers():
+    """n answers per problem, c of them right: the score is the mean unbiased pass@k over problems."""
+    from safecl.data.sources import load_examples
+    from safecl.evaluation.check import _task_set
+    from safecl.evaluation.config import RetentionConfig, TaskEvalConfig
+
+    with gzip.open(HUMANEVAL, "rt") as fh:
+        canonical = {p["task_id"]: p["canonical_solution"] for p in map(json.loads, fh)}
+    task = TaskEvalConfig(preset="humaneval", source=str(HUMANEVAL), limit=2, samples=4, k=2,
+                          allow_code_execution=True)
+    examples, _ = load_examples(task, None, need_response=False)
+    right = {0: 1, 1: 3}  # problem -> how many of its 4 answers are its canonical solution
+    asked = {}
+
+    def canned(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=False, **kw):
+        asked.update(n=len(prompts), do_sample=do_sample)
+        out = []
+        for j in range(len(prompts)):
+            p, a = divmod(j, 4)
+            out.append(canonical[examples[p].answer] if a < right[p] else "    return None\n")
+        return out
+
+    ev = _task_set("code", task, examples, None, None, RetentionConfig(), 0, None, False, generate=canned)
+    assert asked == {"n": 8, "do_sample": True}
+    assert ev.n == 2 and len(ev.samples) == 8 and [s["verdict"] for s in ev.samples[:4]] == [True, False, False, False]
+    assert ev.score == pytest.approx((pass_at_k(4, 1, 2) + pass_at_k(4, 3, 2)) / 2)  # (0.5 + 1.0) / 2
+    assert ev.measured_by["k"] == 2 and ev.measured_by["samples_per_problem"] == 4
+    with pytest.raises(ValueError, match="needs at least 3 samples"):
+        TaskEvalConfig(preset="humaneval", source=str(HUMANEVAL), samples=2, k=3, allow_code_execution=True)

@@ -176,24 +176,32 @@ def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answe
 
 def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
               seed, keep, progress, generate, start):
-    """pass@1 by execution: greedy answers, each run with its task's tests in a sandboxed process."""
-    from safecl.evaluation.execution import Limits, humaneval_program, network_isolated, run_sample
+    """pass@k by execution: each answer runs with its task's tests in a sandboxed process.
+
+    samples = 1: greedy answers, pass@1 = share passing. samples = n > 1: n sampled answers per
+    problem, c of them passing, and the problem's score is the unbiased pass@k = 1 - C(n-c, k) / C(n, k)
+    (Chen et al. 2021); the task score is the mean over problems, its interval bootstrapped over problems."""
+    from safecl.evaluation.execution import Limits, humaneval_program, network_isolated, pass_at_k, run_sample
 
     for ex in examples:
         if not {"prompt", "test", "entry_point"} <= ex.meta.keys():
             raise DataError(f"{ex.origin or task.source}: task {task_name!r} (pass_at_k) needs the code prompt, test "
                             "and entry point of each problem: use `preset: humaneval`")
     max_new = task.max_new_tokens or cfg.max_new_tokens
-    responses = generate(model, tokenizer, [ex.prompt_messages for ex in examples], max_new, cfg.batch_size,
-                         do_sample=cfg.do_sample, stop_early=None, progress=progress, desc=f"task:{task_name}")
+    n = task.samples
+    rows = [ex for ex in examples for _ in range(n)]  # problem-major: n answers per problem
+    responses = generate(model, tokenizer, [ex.prompt_messages for ex in rows], max_new, cfg.batch_size,
+                         do_sample=cfg.do_sample or n > 1, stop_early=None, progress=progress, desc=f"task:{task_name}")
     limits = Limits(timeout=task.timeout)
     outcomes = [run_sample(humaneval_program(ex.meta["prompt"], r, ex.meta["test"], ex.meta["entry_point"]), limits)
-                for ex, r in zip(examples, responses)]
-    values = [1.0 if o.passed else 0.0 for o in outcomes]
+                for ex, r in zip(rows, responses)]
+    passed = [sum(o.passed for o in outcomes[i * n:(i + 1) * n]) for i in range(len(examples))]
+    values = [pass_at_k(n, c, task.k) for c in passed]
     samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": r, "answer": ex.answer, "verdict": o.passed,
                 "status": o.status}
-               for ex, r, o in zip(examples, responses, outcomes)]
-    measured = {"kind": "metric", "metric": "pass_at_k", "k": 1, "decoding": "greedy",
+               for ex, r, o in zip(rows, responses, outcomes)]
+    measured = {"kind": "metric", "metric": "pass_at_k", "k": task.k, "samples_per_problem": n,
+                "decoding": "greedy" if n == 1 and not cfg.do_sample else "sampled",
                 "rule": "the completion (its first ```python block, else the text) with the problem's prompt and "
                         "tests exits 0 after check(entry_point)",
                 "sandbox": {"process": "one per sample", "timeout_s": task.timeout, "memory_mb": limits.memory_mb,

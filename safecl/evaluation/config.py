@@ -110,12 +110,17 @@ class TaskEvalConfig(DataConfig):
         "safecl.evaluation.execution). Off by default: generated code is untrusted."
     )
     timeout: PositiveFloat = Field(10.0, description="pass_at_k: wall-clock seconds per sample.")
+    samples: PositiveInt = Field(1, description="pass_at_k: answers per problem; 1 = greedy, more = sampled (the "
+                                 "model's generation config, seeded by the check) for the unbiased pass@k.")
+    k: PositiveInt = Field(1, description="pass_at_k: the k of pass@k (<= samples).")
 
     @model_validator(mode="after")
     def _code_opt_in(self) -> "TaskEvalConfig":
         if (self.metric == "harness") != (self.harness is not None):
             raise ValueError("metric harness and the `harness` template go together (e.g. metric: harness, "
                              "harness: gsm8k)")
+        if self.k > self.samples:
+            raise ValueError(f"pass@{self.k} needs at least {self.k} samples per problem (samples: {self.samples})")
         if self.metric == "pass_at_k" and not self.allow_code_execution:
             raise ValueError("metric pass_at_k runs the model's generated code; set allow_code_execution: true "
                              "in this eval section to allow it (each sample runs in its own sandboxed process)")
