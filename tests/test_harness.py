@@ -50,15 +50,20 @@ def test_harness_gsm8k_scoring_agrees_with_exact_match_where_definitions_match()
     assert out["measured_by"]["backend"] == "lm-evaluation-harness" and out["measured_by"]["version"] == "0.4.13"
 
 
-def test_a_harness_task_lands_in_the_matrix_metrics_answers_and_audit(tmp_path_factory, capsys):
+def test_a_harness_task_and_a_pass_at_1_task_land_in_the_matrix_metrics_answers_and_audit(tmp_path_factory, capsys):
+    from tests.test_execution import CODE_EVAL  # HumanEval pass@1 (3 problems) on the last stage
+
     harness_eval = "{source: 'builtin:arithmetic', split: test, limit: 4, metric: harness, harness: gsm8k}"
     run = train_smoke(tmp_path_factory, "harness", [
         "train.max_steps=2", "adapter.calibration_steps=1", "retention.harmful.limit=2", "retention.benign.limit=2",
-        "retention.max_new_tokens=4", f"stages.1.eval={harness_eval}", "stages.2.eval.limit=2",
-        "tracking.enabled=false"])
+        "retention.max_new_tokens=4", f"stages.1.eval={harness_eval}", CODE_EVAL, "tracking.enabled=false"])
     rows = json.loads((run / "retention.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["base", "safety", "arithmetic", "sentiment"]
     assert "task:arithmetic" in rows[2]["scores"] and "task:arithmetic" in rows[3]["scores"]
+    assert "task:sentiment" in rows[3]["scores"]  # the pass@1 column
+    last = json.loads((run / "stages" / "02-sentiment" / "metrics.json").read_text())["retention"]["evals"]
+    assert {e["name"]: e["measured_by"]["metric"] for e in last if e["name"].startswith("task:")} == {
+        "task:arithmetic": "harness", "task:sentiment": "pass_at_k"}
     evals = json.loads((run / "stages" / "01-arithmetic" / "metrics.json").read_text())["retention"]["evals"]
     task = next(e for e in evals if e["name"] == "task:arithmetic")
     assert task["n"] == 4 and task["measured_by"]["backend"] == "lm-evaluation-harness"
@@ -69,7 +74,8 @@ def test_a_harness_task_lands_in_the_matrix_metrics_answers_and_audit(tmp_path_f
     assert sum(a["verdict"] == "right" for a in mine) / 4 == task["score"]
     capsys.readouterr()
     assert main(["audit", str(run), "--json"]) == 0
-    assert "task:arithmetic" in capsys.readouterr().out
+    audit = capsys.readouterr().out
+    assert "task:arithmetic" in audit and "task:sentiment" in audit
 
 
 @pytest.mark.parametrize("extra, message", [
