@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from safecl.adapters import adapters_off, inject_adapters
-from safecl.adapters.export import load_adapter_tensors, module_name
 from safecl.data.sources import load_examples
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import load_recipe
 from safecl.safety.direction import load_direction
 from safecl.safety.probe import probe_score
+from safecl.training.checkpoint import load_stage_adapter
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -77,16 +77,6 @@ def bootstrap_rho(x: list[float], y: list[float], reps: int = 2000, seed: int = 
     return vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]
 
 
-def _load_stage(layers: dict, directory: Path) -> None:
-    """Set every adapted module's A and B from a stage's written PEFT adapter."""
-    tensors = load_adapter_tensors(directory)
-    with torch.no_grad():
-        for key, t in tensors.items():
-            layer = layers[module_name(key)]
-            target = layer.A if key.endswith("lora_A.weight") else layer.B_frozen
-            target.copy_(t.to(target.dtype))
-
-
 def direction_source(run: Path, others: list[Path]) -> tuple[Path, object] | None:
     """(direction file, refusal_direction section) for ``run``'s safety stage: its own, else that of a
     run that started from this run's safety stage (``--from RUN:safety``: the same adapter)."""
@@ -100,7 +90,7 @@ def direction_source(run: Path, others: list[Path]) -> tuple[Path, object] | Non
     return None
 
 
-def run_points(run: Path, data_dir: Path, limit: int, cache: dict, others: list[Path]) -> list[dict]:
+def run_points(run: Path, data_dir: Path, limit: int, others: list[Path]) -> list[dict]:
     recipe = load_recipe(run / "recipe.resolved.yaml", check_files=False)
     found = direction_source(run, others)
     if found is None:
@@ -111,41 +101,33 @@ def run_points(run: Path, data_dir: Path, limit: int, cache: dict, others: list[
     retention = json.loads((run / "retention.json").read_text())
     judged = retention["summary"]["safety_retention"]
     refusal = {r["stage"]: r["scores"]["refusal"] for r in retention["rows"]}
-    if recipe.model.name not in cache:
-        cache.clear()
-        cache[recipe.model.name] = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
-    model, tokenizer = cache[recipe.model.name]
+    model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)  # converted once: ~0.5 s
     a = recipe.adapter
     layers = inject_adapters(model, a.target_modules, a.rank, a.alpha, recipe.adapter_seed, train_A=a.method == "lora")
-    try:
-        stages = [s for s in info["stages"] if not s.get("rolled_back")]
-        direction = load_direction(direction_file)
-        layer = int(direction["best_layer"])
-        r = direction["direction"][layer]
-        examples, _ = load_examples(direction_cfg.harmful, data_dir, seed=recipe.seed, need_response=False)
-        prompts = [e.prompt_messages for e in examples[:limit]]
-        with adapters_off(layers):
-            base = probe_score(model, tokenizer, prompts, layer, r)
-        scores = {}
-        for s in stages:
-            _load_stage(layers, run / s["dir"] / "adapter")
-            scores[s["name"]] = probe_score(model, tokenizer, prompts, layer, r)
-        safety = scores[stages[0]["name"]]
-        points = []
-        for s in stages[1:]:
-            name = s["name"]
-            if name not in judged or judged[name] is None:
-                continue
-            points.append({"run": run.name, "stage": name, "method": a.method, "n_probe": len(prompts),
-                           "probe_retention": round((scores[name] - base) / (safety - base), 4),
-                           "judged_retention": round(judged[name], 4), "refusal": refusal.get(name)})
-            print(f"  {run.name:<28} {name:<12} probe {points[-1]['probe_retention']:6.3f}   "
-                  f"judged {points[-1]['judged_retention']:6.3f}", flush=True)
-        return points
-    finally:
-        for name, layer in layers.items():  # take the adapters out again: the next run injects its own
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], layer.base)
+    stages = [s for s in info["stages"] if not s.get("rolled_back")]
+    direction = load_direction(direction_file)
+    layer = int(direction["best_layer"])
+    r = direction["direction"][layer]
+    examples, _ = load_examples(direction_cfg.harmful, data_dir, seed=recipe.seed, need_response=False)
+    prompts = [e.prompt_messages for e in examples[:limit]]
+    with adapters_off(layers):
+        base = probe_score(model, tokenizer, prompts, layer, r)
+    scores = {}
+    for s in stages:
+        load_stage_adapter(layers, run / s["dir"] / "adapter")
+        scores[s["name"]] = probe_score(model, tokenizer, prompts, layer, r)
+    safety = scores[stages[0]["name"]]
+    points = []
+    for s in stages[1:]:
+        name = s["name"]
+        if judged.get(name) is None:
+            continue
+        points.append({"run": run.name, "stage": name, "method": a.method, "n_probe": len(prompts),
+                       "probe_retention": round((scores[name] - base) / (safety - base), 4),
+                       "judged_retention": round(judged[name], 4), "refusal": refusal.get(name)})
+        print(f"  {run.name:<28} {name:<12} probe {points[-1]['probe_retention']:6.3f}   "
+              f"judged {points[-1]['judged_retention']:6.3f}", flush=True)
+    return points
 
 
 def main(argv=None) -> int:
@@ -157,10 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_correlation"))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    points, cache = [], {}
+    points = []
     runs = [r for r in args.runs if (r / "retention.json").is_file() and (r / "recipe.resolved.yaml").is_file()]
     for run in runs:
-        points += run_points(run, args.data_dir, args.limit, cache, [r for r in runs if r != run])
+        points += run_points(run, args.data_dir, args.limit, [r for r in runs if r != run])
     if len(points) < 3:
         print(f"{len(points)} points: too few for a correlation")
         return 1

@@ -43,7 +43,8 @@ class _StopWhen(StoppingCriteria):
         return torch.tensor([bool(self.predicate(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
-def _fsdp_sharded(model) -> bool:
+def fsdp_sharded(model) -> bool:
+    """The model was sharded with FSDP2 (``fully_shard``, safecl.training.sharding)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -109,7 +110,7 @@ def generate(
                         "pad_token_id": tokenizer.pad_token_id}
     if getattr(getattr(model, "generation_config", None), "eos_token_id", None) is None:
         gen_kwargs["eos_token_id"] = tokenizer.eos_token_id
-    if _fsdp_sharded(model):  # each forward all-gathers weights: every rank steps until all ranks are done
+    if fsdp_sharded(model):  # each forward all-gathers weights: every rank steps until all ranks are done
         gen_kwargs["synced_gpus"] = True
     if not do_sample:  # silence "temperature is set but do_sample=False" from chat models' configs
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)

@@ -173,11 +173,10 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
             raise TrainingError(f"{desc}: loss is {step_loss} at step {step}; stopping the stage "
                                 "(lower the learning rate or check the data). Earlier stages' artifacts are intact.")
         if sharded:
-            average_gradients(params)
-        if settings.max_grad_norm is not None and sharded:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        elif settings.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            average_gradients(params)  # replicated adapter tensors: the mean DDP would take
+        if settings.max_grad_norm is not None:
+            clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
+            clip(params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

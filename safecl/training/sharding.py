@@ -35,6 +35,12 @@ import torch.distributed as dist
 
 from safecl.errors import RecipeError as ConfigError
 from safecl.errors import TrainingError
+from safecl.evaluation.generation import fsdp_sharded as is_sharded  # noqa: F401 - one definition, re-exported
+
+NO_DEEPSPEED = ("safecl does not run under DeepSpeed (ZeRO) yet: its engine steps the optimizer inside every backward "
+                "and wraps the model once, safecl adds a trainable part per stage. For a sharded base model use FSDP2 "
+                "(accelerate_configs/fsdp.yaml)")
+FSDP2_ONLY = "safecl shards with FSDP2: set `fsdp_config: {fsdp_version: 2}` (see accelerate_configs/fsdp.yaml)"
 
 
 def refuse_deepspeed() -> None:
@@ -46,9 +52,7 @@ def refuse_deepspeed() -> None:
     runs plain data parallel. Rather than train something else than asked, the run stops.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise TrainingError("safecl does not run under DeepSpeed (ZeRO) yet: its engine steps the optimizer inside "
-                            "every backward and wraps the model once, safecl adds a trainable part per stage. For a "
-                            "sharded base model use FSDP2: --accelerate-config accelerate_configs/fsdp.yaml")
+        raise TrainingError(NO_DEEPSPEED)
 
 
 def check_accelerate_config(path: str) -> None:
@@ -61,23 +65,15 @@ def check_accelerate_config(path: str) -> None:
         raise ConfigError(f"{path}: cannot read the accelerate config: {exc}") from exc
     kind = str(cfg.get("distributed_type", "")).upper()
     if kind == "DEEPSPEED":
-        raise ConfigError(f"{path}: distributed_type DEEPSPEED: safecl does not run under DeepSpeed (ZeRO) yet; for a "
-                          "sharded base model use FSDP2 (accelerate_configs/fsdp.yaml)")
+        raise ConfigError(f"{path}: distributed_type DEEPSPEED: {NO_DEEPSPEED}")
     version = str((cfg.get("fsdp_config") or {}).get("fsdp_version", 1))
     if kind == "FSDP" and version != "2":
-        raise ConfigError(f"{path}: fsdp_config.fsdp_version is {version}; safecl shards with FSDP2: set "
-                          "`fsdp_version: 2`")
+        raise ConfigError(f"{path}: fsdp_config.fsdp_version is {version}; {FSDP2_ONLY}")
 
 
 def fsdp_requested() -> bool:
     """A distributed launcher (accelerate, torchrun) started this process with FSDP asked for."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "WORLD_SIZE" in os.environ
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def shard_base(model, layers: dict, device: torch.device) -> int:
@@ -87,8 +83,7 @@ def shard_base(model, layers: dict, device: torch.device) -> int:
 
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise TrainingError(f"the accelerate config asks for FSDP version {version}; safecl shards with FSDP2: set "
-                            "`fsdp_config: {fsdp_version: 2}` (see accelerate_configs/fsdp.yaml)")
+        raise TrainingError(f"the accelerate config asks for FSDP version {version}; {FSDP2_ONLY}")
     if not dist.is_initialized():
         raise TrainingError("FSDP needs a process group: launch with --num-processes N (or `accelerate launch`)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -104,7 +99,7 @@ def shard_base(model, layers: dict, device: torch.device) -> int:
                             "(_no_split_modules); it cannot be sharded per block")
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp,
-                    ignored_params={p for p in ignored if _owns(block, p)})
+                    ignored_params=ignored & set(block.parameters()))
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=ignored)
     return len(blocks)
 
@@ -118,10 +113,6 @@ def local_share(model) -> tuple[int, int]:
         if isinstance(p, DTensor):
             held, total = held + p.to_local().numel(), total + p.numel()
     return held, total
-
-
-def _owns(module, param) -> bool:
-    return any(p is param for p in module.parameters())
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
