@@ -1,12 +1,22 @@
-"""What a judged check costs per prompt, and what changes it: batch size and early stop.
+"""What a judged retention check costs: 32 + 32 prompts the old way vs 128 + 128 the new way.
 
-On SmolLM2-135M-Instruct, the first ``--n`` AdvBench behaviours (the advbench preset over
-../shared), greedy, ``--max-new-tokens`` new tokens, keyword judge (safecl list, prefix mode):
-seconds per prompt for each batch size, with the judge's early stop (generation ends once the
-verdict cannot change) and without; whether every configuration produced the same verdicts as
-the first; and how many tokens early stop left ungenerated (new tokens, summed).
+For each checkpoint of a run (the base model, then every stage's adapter), on the run's own
+recipe (model, judge, prompt sets, max_new_tokens), one retention check two ways:
 
-    python benchmarks/check_speed.py --n 64 --max-new-tokens 32 --batch-sizes 16 32 64
+- before: 32 harmful + 32 benign prompts, batch 16, ``model.generate`` (engine "hf"), and the
+  judge's early stop as it was before (a compliant answer stopped at ``prefix_window +``
+  longest phrase characters; a batch runs until its last row ends);
+- after: 128 harmful + 128 benign prompts, batch ``--batch-size``, safecl's greedy decoder
+  (shared prompt prefix computed once, rows dropped as the judge decides them) and the tight
+  early stop.
+
+It prints seconds, the ratio after/before (the issue's target: <= 1), and each check's scores
+with their 95% intervals. Then, on the last checkpoint, whether the decoder's answers equal
+``model.generate``'s: all 128 + 128 against batch 16, and the first ``--n-alone`` of each set
+against batch size 1 (unbatched greedy decoding). Timings are wall clock on whatever the
+machine is doing: run it on idle cores.
+
+    python benchmarks/check_speed.py runs/study/s0-lori-s --json benchmarks/results/check_speed.json
 """
 
 from __future__ import annotations
@@ -15,51 +25,123 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from safecl.evaluation.config import JudgeConfig, PromptSetConfig
+from safecl.adapters import adapters_off, inject_adapters
+from safecl.evaluation.check import run_retention_check
 from safecl.evaluation.generation import generate
-from safecl.evaluation.judges import make_judge
+from safecl.evaluation.judges import KeywordJudge, make_judge
 from safecl.evaluation.prompts import load_prompts
 from safecl.models import load_model_and_tokenizer
-from safecl.recipe.schema import ModelConfig
+from safecl.recipe.loader import load_recipe
+from safecl.training.checkpoint import load_stage_adapter
 
-ADVBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety_eval" / "advbench_harmful_behaviors.csv"
+
+class BoundJudge:
+    """The keyword judge with the early stop it had before: a non-refusal is decided only past
+    ``prefix_window + longest phrase`` characters. Same verdicts, later stops."""
+
+    def __init__(self, judge: KeywordJudge):
+        self.inner = judge
+
+    def judge(self, responses, prompts=None):
+        return self.inner.judge(responses, prompts)
+
+    def describe(self):
+        return self.inner.describe()
+
+    def decided(self, partial_response: str) -> bool:
+        j = self.inner
+        text = partial_response.translate({0x2019: "'", 0x2018: "'", 0x02BC: "'", 0x2032: "'"}).lstrip()
+        match = j._search(text)
+        if match is not None and match.end() < len(text):
+            return True
+        return j.mode == "prefix" and len(text) > j.prefix_window + j._longest
+
+
+def _row(label, result) -> dict:
+    return {"check": label, "seconds": round(result.seconds, 2),
+            **{f"{r.name}": {"score": round(r.score, 4), "n": r.n, "ci": [round(c, 4) for c in r.ci]}
+               for r in result.evals}}
+
+
+def _show(row: dict) -> str:
+    sets = "  ".join(f"{k} {v['score']:.3f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}] n={v['n']}"
+                     for k, v in row.items() if isinstance(v, dict))
+    return f"{row['check']:<7} {row['seconds']:6.1f} s   {sets}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("run", type=Path, help="a finished run directory (its recipe.resolved.yaml and stage adapters)")
+    ap.add_argument("--data-dir", type=Path, default=Path("recipes"),
+                    help="the folder the run's recipe sat in: its relative data paths resolve against it")
+    ap.add_argument("--batch-size", type=int, default=128, help="the new check's batch size")
+    ap.add_argument("--n-alone", type=int, default=16, help="prompts per set compared with batch size 1")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    prompts = load_prompts(PromptSetConfig(preset="advbench", source=str(ADVBENCH), limit=args.n), None)
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="builtin:smollm2-135m-instruct"))
-    judge = make_judge(JudgeConfig())
-    rows, first = [], None
-    print(f"{len(prompts)} AdvBench prompts, greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
-    for stop in (True, False):
-        for bs in args.batch_sizes:
-            t0 = time.perf_counter()
-            out = generate(model, tokenizer, convs, args.max_new_tokens, bs, stop_early=judge.decided if stop else None,
-                           progress=False)
-            sec = time.perf_counter() - t0
-            verdicts = [v.refusal for v in judge.judge(out, prompts)]
-            first = first if first is not None else verdicts
-            tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in out)
-            rows.append({"early_stop": stop, "batch_size": bs, "seconds": round(sec, 2),
-                         "seconds_per_prompt": round(sec / len(prompts), 3), "new_tokens": tokens,
-                         "refusal": sum(verdicts) / len(verdicts), "same_verdicts_as_first": verdicts == first})
-            print(f"  early stop {'on ' if stop else 'off'}  batch {bs:>3}: {sec:6.1f} s ({sec / len(prompts):.3f} s per "
-                  f"prompt), {tokens} new tokens, refusal {sum(verdicts) / len(verdicts):.3f}, "
-                  f"same verdicts: {verdicts == first}", flush=True)
+    run = args.run
+    recipe = load_recipe(run / "recipe.resolved.yaml", check_files=False)
+    base_dir = args.data_dir
+    cfg = recipe.retention
+    before_cfg = cfg.model_copy(update={
+        "harmful": cfg.harmful.model_copy(update={"limit": 32}), "benign": cfg.benign.model_copy(update={"limit": 32}),
+        "batch_size": 16})
+    after_cfg = cfg.model_copy(update={
+        "harmful": cfg.harmful.model_copy(update={"limit": 128}), "benign": cfg.benign.model_copy(update={"limit": 128}),
+        "batch_size": args.batch_size})
+    judge = make_judge(cfg.judge)
+    model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+    a = recipe.adapter
+    layers = inject_adapters(model, a.target_modules, a.rank, a.alpha, recipe.adapter_seed, train_A=a.method == "lora")
+    stages = [s for s in json.loads((run / "run.json").read_text())["stages"] if not s.get("rolled_back")]
+    print(f"{run}: {recipe.model.name}, judge {judge.describe()['phrase_list']}/{judge.describe()['mode']}, "
+          f"max_new_tokens {cfg.max_new_tokens}, {torch.get_num_threads()} threads", flush=True)
+    check = partial(run_retention_check, tasks=[], base_dir=base_dir, seed=recipe.seed,
+                    load_task_examples=lambda t: [], keep_samples=None, progress=False)
+    rows = []
+    for name in ["base"] + [s["name"] for s in stages]:
+        if name != "base":
+            load_stage_adapter(layers, run / next(s for s in stages if s["name"] == name)["dir"] / "adapter")
+        with adapters_off(layers) if name == "base" else _nothing():
+            before = check(model, tokenizer, before_cfg, judge=BoundJudge(judge), generate_fn=partial(generate, engine="hf"))
+            after = check(model, tokenizer, after_cfg, judge=judge)
+        pair = {"checkpoint": name, "before": _row("before", before), "after": _row("after", after),
+                "ratio_after_over_before": round(after.seconds / before.seconds, 3)}
+        rows.append(pair)
+        print(f"{name}:\n  {_show(pair['before'])}\n  {_show(pair['after'])}\n  after/before: "
+              f"{pair['ratio_after_over_before']:.2f} (4x the prompts)", flush=True)
+    identity = _identity(model, tokenizer, after_cfg, base_dir, judge, args.n_alone)
+    print(f"{stages[-1]['name'] if stages else 'base'}: decoder == model.generate batch 16: "
+          f"{identity['same_as_hf_batch16']}/{identity['n']};  == batch 1 (first {args.n_alone} of each set): "
+          f"{identity['same_as_alone']}/{identity['n_alone']}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"run": str(run), "model": recipe.model.name, "checkpoints": rows,
+                                         "identity": identity}, indent=1))
     return 0
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _identity(model, tokenizer, cfg, base_dir, judge, n_alone) -> dict:
+    convs = [[{"role": "user", "content": p}] for p in load_prompts(cfg.harmful, base_dir) + load_prompts(cfg.benign, base_dir)]
+    run = partial(generate, model, tokenizer, max_new_tokens=cfg.max_new_tokens, stop_early=judge.decided, progress=False)
+    ours = run(convs, batch_size=cfg.batch_size)
+    hf16 = run(convs, batch_size=16, engine="hf")
+    half = len(convs) // 2
+    picked = list(range(n_alone)) + list(range(half, half + n_alone))
+    alone = run([convs[i] for i in picked], batch_size=1, engine="hf")
+    return {"n": len(convs), "same_as_hf_batch16": sum(a == b for a, b in zip(ours, hf16)),
+            "n_alone": len(picked), "same_as_alone": sum(ours[i] == b for i, b in zip(picked, alone))}
 
 
 if __name__ == "__main__":

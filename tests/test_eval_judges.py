@@ -1,5 +1,7 @@
 """Refusal judges on hand-written responses, and a real (tiny) sequence classifier."""
 
+import random
+
 import pytest
 import torch
 
@@ -115,7 +117,30 @@ def test_decided_never_contradicts_the_full_response(mode):
                 assert judge.judge_one(response[:k]).refusal == final, (response, k)
 
 
+@pytest.mark.parametrize("window", [1, 9, 20])
+def test_decided_never_contradicts_any_continuation(window):
+    """Random texts built from refusal fragments: once a prefix is decided, every longer text
+    that starts with it gets the prefix's verdict (prefix mode: the tight rule; substring mode)."""
+    pieces = ["I", "I'", "I can", "not", "n't", " ", "  ", "\n", "sorry", "Sorry", ",", "x", "ok", "You",
+              "As an AI", "as a", "_", "\u2019", "\ufffd", "It is", " illegal", "e"]
+    rng = random.Random(window)
+    for mode in ("prefix", "substring"):
+        judge = KeywordJudge("safecl", mode=mode, prefix_window=window)
+        for _ in range(400):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+            final = judge.judge_one(text).refusal
+            for k in range(len(text) + 1):
+                if judge.decided(text[:k]):
+                    assert judge.judge_one(text[:k]).refusal == final, (mode, text, k)
+
+
 def test_decided_points():
+    tight = KeywordJudge("safecl", mode="prefix", prefix_window=20)
+    assert tight.decided("Sure, here is how to bake")  # 25 characters, no phrase can start before 20
+    assert not tight.decided("Sure, here is how I")  # 19 characters: a phrase could still start at 19
+    assert not tight.decided("Sure, here is how, I c")  # "I c" at 18 may become "I cannot"
+    assert tight.decided("Sure, here is how, Ic")  # "Ic" cannot open a phrase
+    assert not tight.decided("Sure, here is how to \ufffd")  # a character still arriving
     judge = KeywordJudge("safecl", mode="prefix", prefix_window=20)
     assert not judge.decided("I'm sorr")
     assert not judge.decided("I'm sorry")  # the end boundary is not checked yet

@@ -13,8 +13,13 @@ Invariants:
 - Prompts are sorted by length before batching (less padding) and the responses are
   returned in input order.
 
-Works with any Hugging Face causal LM, including models whose linear layers were wrapped by
-custom adapter modules: it only calls ``model.generate``.
+Engines: greedy decoding of a model :func:`safecl.evaluation.decoding.supported` accepts runs
+through :func:`safecl.evaluation.decoding.greedy_decode` (the shared prompt prefix computed
+once, rows dropped as they end: the same tokens, fewer forwards); sampling, FSDP-sharded
+models (lockstep across ranks) and everything else call ``model.generate``. ``engine="hf"``
+forces ``model.generate`` (the reference the tests compare against). Both work with any
+Hugging Face causal LM, including models whose linear layers were wrapped by custom adapter
+modules.
 
 Early stop: ``stop_early(partial_response: str) -> bool`` is called after every new token
 for each unfinished sequence with its decoded response so far; a sequence stops (and is
@@ -29,6 +34,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from safecl.evaluation import decoding
 
 
 class _StopWhen(StoppingCriteria):
@@ -67,6 +74,7 @@ def generate(
     stop_early: Callable[[str], bool] | None = None,
     progress: bool | None = None,
     desc: str = "generate",
+    engine: str = "auto",
 ) -> list[str]:
     """Responses (new tokens only, decoded) to each chat conversation in ``prompts``.
 
@@ -82,10 +90,14 @@ def generate(
         stop_early: optional per-sequence predicate on the partial response (see module doc).
         progress: show a tqdm bar; None = only when stderr is a terminal.
         desc: label of the progress bar.
+        engine: ``"auto"`` (greedy: safecl's prefix-sharing decoder where exact, else
+            ``model.generate``) or ``"hf"`` (always ``model.generate``).
 
     Raises:
         ValueError: empty conversation, bad batch_size/max_new_tokens, no pad and no EOS token.
     """
+    if engine not in ("auto", "hf"):
+        raise ValueError(f"engine must be 'auto' or 'hf', got {engine!r}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if not prompts:
@@ -116,8 +128,13 @@ def generate(
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     device = _model_device(model)
     model.eval()
+    use_decoder = engine == "auto" and not do_sample and "synced_gpus" not in gen_kwargs and decoding.supported(model)
     try:
         with torch.no_grad(), tqdm(total=len(texts), desc=desc, disable=not progress, leave=False) as bar:
+            if use_decoder:
+                done = _greedy(model, tokenizer, texts, max_new_tokens, batch_size, stop_early, bar.update)
+                if done is not None:
+                    return done
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 enc = tokenizer([texts[i] for i in idx], padding=True, add_special_tokens=False,
@@ -137,3 +154,25 @@ def generate(
             tokenizer.pad_token = None
         model.train(was_training)
     return responses  # type: ignore[return-value]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _greedy(model, tokenizer, texts, max_new_tokens, batch_size, stop_early, progress) -> list[str] | None:
+    """Responses by :func:`decoding.greedy_decode`; None when the model's cache is not one it handles."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    finished = None
+    if stop_early is not None:
+        def finished(_i, new_tokens):
+            return bool(stop_early(tokenizer.decode(new_tokens, skip_special_tokens=True)))
+    try:
+        new = decoding.greedy_decode(model, ids, max_new_tokens, batch_size, _eos_ids(model, tokenizer),
+                                     tokenizer.pad_token_id, finished=finished, on_row_done=progress)
+    except decoding.UnsupportedCache:
+        return None
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
