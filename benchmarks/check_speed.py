@@ -3,26 +3,34 @@
 For each checkpoint of a run (the base model, then every stage's adapter), on the run's own
 recipe (model, judge, prompt sets, max_new_tokens), one retention check two ways:
 
-- before: 32 harmful + 32 benign prompts, batch 16, ``model.generate`` (engine "hf"), and the
+- before: ``--limit``/4 (32) harmful + as many benign prompts, batch 16, ``model.generate`` (engine "hf"), and the
   judge's early stop as it was before (a compliant answer stopped at ``prefix_window +``
   longest phrase characters; a batch runs until its last row ends);
-- after: 128 harmful + 128 benign prompts, batch ``--batch-size``, safecl's greedy decoder
+- after: ``--limit`` (128) harmful + as many benign prompts, batch ``--batch-size``, safecl's greedy decoder
   (shared prompt prefix computed once, rows dropped as the judge decides them) and the tight
   early stop.
 
-It prints seconds, the ratio after/before (the issue's target: <= 1), and each check's scores
+It prints seconds (the median of ``--repeats`` interleaved checks), the ratio after/before (the issue's target: <= 1), and each check's scores
 with their 95% intervals. Then, on the last checkpoint, whether the decoder's answers equal
 ``model.generate``'s: all 128 + 128 against batch 16, and the first ``--n-alone`` of each set
 against batch size 1 (unbatched greedy decoding). Timings are wall clock on whatever the
 machine is doing: run it on idle cores.
 
     python benchmarks/check_speed.py runs/study/s0-lori-s --json benchmarks/results/check_speed.json
+
+Without a run, ``--random-init MODEL_DIR`` builds the model from ``MODEL_DIR/config.json`` with
+seeded random weights (and its tokenizer): a timing-only check of one checkpoint, for a
+machine without the weights (the GPU machine), on ``--harmful`` and ``--benign`` files:
+
+    python benchmarks/check_speed.py --random-init .gpu/smollm2 --harmful .gpu/advbench.csv \
+        --benign .gpu/xstest.csv --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from functools import partial
@@ -38,6 +46,8 @@ from safecl.evaluation.prompts import load_prompts
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import load_recipe
 from safecl.training.checkpoint import load_stage_adapter
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety_eval"
 
 
 class BoundJudge:
@@ -76,41 +86,66 @@ def _show(row: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a finished run directory (its recipe.resolved.yaml and stage adapters)")
+    ap.add_argument("run", type=Path, nargs="?", help="a finished run directory (recipe.resolved.yaml, stage adapters)")
+    ap.add_argument("--random-init", type=Path, metavar="MODEL_DIR", help="no run: random weights, MODEL_DIR's shape")
+    ap.add_argument("--harmful", type=Path, default=SHARED / "advbench_harmful_behaviors.csv")
+    ap.add_argument("--benign", type=Path, default=SHARED / "xstest_prompts.csv")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="with --random-init")
     ap.add_argument("--data-dir", type=Path, default=Path("recipes"),
                     help="the folder the run's recipe sat in: its relative data paths resolve against it")
     ap.add_argument("--batch-size", type=int, default=128, help="the new check's batch size")
+    ap.add_argument("--repeats", type=int, default=1, help="checks of each kind per checkpoint; the median is shown")
+    ap.add_argument("--limit", type=int, default=128, help="prompts per set after; before gets a quarter")
     ap.add_argument("--n-alone", type=int, default=16, help="prompts per set compared with batch size 1")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    run = args.run
-    recipe = load_recipe(run / "recipe.resolved.yaml", check_files=False)
-    base_dir = args.data_dir
-    cfg = recipe.retention
+    if (args.run is None) == (args.random_init is None):
+        ap.error("give a run directory or --random-init MODEL_DIR")
+    if args.random_init:
+        model, tokenizer, cfg, seed = _random_model(args)
+        stages, layers, run, base_dir, label = [], None, None, None, f"{args.random_init} (random weights)"
+    else:
+        run = args.run
+        recipe = load_recipe(run / "recipe.resolved.yaml", check_files=False)
+        base_dir, cfg, seed, label = args.data_dir, recipe.retention, recipe.seed, str(run)
+        model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+        a = recipe.adapter
+        layers = inject_adapters(model, a.target_modules, a.rank, a.alpha, recipe.adapter_seed,
+                                 train_A=a.method == "lora")
+        stages = [s for s in json.loads((run / "run.json").read_text())["stages"] if not s.get("rolled_back")]
     before_cfg = cfg.model_copy(update={
-        "harmful": cfg.harmful.model_copy(update={"limit": 32}), "benign": cfg.benign.model_copy(update={"limit": 32}),
+        "harmful": cfg.harmful.model_copy(update={"limit": args.limit // 4}),
+        "benign": cfg.benign.model_copy(update={"limit": args.limit // 4}),
         "batch_size": 16})
     after_cfg = cfg.model_copy(update={
-        "harmful": cfg.harmful.model_copy(update={"limit": 128}), "benign": cfg.benign.model_copy(update={"limit": 128}),
+        "harmful": cfg.harmful.model_copy(update={"limit": args.limit}),
+        "benign": cfg.benign.model_copy(update={"limit": args.limit}),
         "batch_size": args.batch_size})
     judge = make_judge(cfg.judge)
-    model, tokenizer = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
-    a = recipe.adapter
-    layers = inject_adapters(model, a.target_modules, a.rank, a.alpha, recipe.adapter_seed, train_A=a.method == "lora")
-    stages = [s for s in json.loads((run / "run.json").read_text())["stages"] if not s.get("rolled_back")]
-    print(f"{run}: {recipe.model.name}, judge {judge.describe()['phrase_list']}/{judge.describe()['mode']}, "
-          f"max_new_tokens {cfg.max_new_tokens}, {torch.get_num_threads()} threads", flush=True)
-    check = partial(run_retention_check, tasks=[], base_dir=base_dir, seed=recipe.seed,
+    device = next(model.parameters()).device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{label}: judge {judge.describe()['phrase_list']}/{judge.describe()['mode']}, "
+          f"max_new_tokens {cfg.max_new_tokens}, {where}", flush=True)
+    check = partial(run_retention_check, tasks=[], base_dir=base_dir, seed=seed,
                     load_task_examples=lambda t: [], keep_samples=None, progress=False)
+    warm = [[{"role": "user", "content": "Hello there, how are you?"}]] * 2  # kernels, allocator, CUDA context
+    for engine in ("hf", "auto"):
+        generate(model, tokenizer, warm, 4, 2, progress=False, engine=engine)
     rows = []
     for name in ["base"] + [s["name"] for s in stages]:
         if name != "base":
             load_stage_adapter(layers, run / next(s for s in stages if s["name"] == name)["dir"] / "adapter")
-        with adapters_off(layers) if name == "base" else _nothing():
-            before = check(model, tokenizer, before_cfg, judge=BoundJudge(judge), generate_fn=partial(generate, engine="hf"))
-            after = check(model, tokenizer, after_cfg, judge=judge)
+        with adapters_off(layers) if layers is not None and name == "base" else _nothing():
+            times = {"before": [], "after": []}
+            for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
+                before = check(model, tokenizer, before_cfg, judge=BoundJudge(judge),
+                               generate_fn=partial(generate, engine="hf"))
+                after = check(model, tokenizer, after_cfg, judge=judge)
+                times["before"].append(round(before.seconds, 2))
+                times["after"].append(round(after.seconds, 2))
+        before.seconds, after.seconds = statistics.median(times["before"]), statistics.median(times["after"])
         pair = {"checkpoint": name, "before": _row("before", before), "after": _row("after", after),
-                "ratio_after_over_before": round(after.seconds / before.seconds, 3)}
+                "ratio_after_over_before": round(after.seconds / before.seconds, 3), "seconds_each_repeat": times}
         rows.append(pair)
         print(f"{name}:\n  {_show(pair['before'])}\n  {_show(pair['after'])}\n  after/before: "
               f"{pair['ratio_after_over_before']:.2f} (4x the prompts)", flush=True)
@@ -119,9 +154,26 @@ def main(argv=None) -> int:
           f"{identity['same_as_hf_batch16']}/{identity['n']};  == batch 1 (first {args.n_alone} of each set): "
           f"{identity['same_as_alone']}/{identity['n_alone']}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"run": str(run), "model": recipe.model.name, "checkpoints": rows,
-                                         "identity": identity}, indent=1))
+        args.json.write_text(json.dumps({"run": label, "device": where, "checkpoints": rows, "identity": identity},
+                                        indent=1))
     return 0
+
+
+def _random_model(args):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from safecl.evaluation.config import PromptSetConfig, RetentionConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(args.random_init)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_init),
+                                             dtype=getattr(torch, args.dtype))
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    cfg = RetentionConfig(harmful=PromptSetConfig(preset="advbench", source=str(args.harmful.resolve()), limit=128,
+                                                  sample=True),
+                          benign=PromptSetConfig(preset="xstest-safe", source=str(args.benign.resolve()), limit=128,
+                                                 sample=True))
+    return model, tokenizer, cfg, 0
 
 
 class _nothing:

@@ -64,8 +64,8 @@ def test_rows_end_at_eos_and_on_finished_others_go_on(model, tok):
     assert got == [_alone(model, p, 12, eos=eos) for p in prompts]
     assert got[1] == free[1][:4]
     ended = []
-    cut = decoding.greedy_decode(model, prompts, 12, 7, set(), tok.pad_token_id,
-                                 finished=lambda i, t: len(t) >= 2 + i, on_row_done=ended.append)
+    cut = decoding.greedy_decode(model, prompts, 12, 7, set(), tok.pad_token_id, on_row_done=ended.append,
+                                 finished=lambda idx, toks: [len(t) >= 2 + i for i, t in zip(idx, toks)])
     assert [len(t) for t in cut] == [min(2 + i, 12) for i in range(len(prompts))]
     assert cut == [f[:len(c)] for f, c in zip(free, cut)] and sum(ended) == len(prompts)
 

@@ -156,7 +156,9 @@ class RetentionConfig(Section):
     benign: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(source="builtin:benign-eval"))
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     max_new_tokens: PositiveInt = 32
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = Field(
+        64, description="Prompts decoded together. Greedy answers do not depend on it (safecl.evaluation.decoding); "
+        "larger batches cost less per prompt until memory runs out.")
     do_sample: bool = False
     bootstrap_samples: PositiveInt = 1000
     stop_when_judged: bool = Field(

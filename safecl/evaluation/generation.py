@@ -168,8 +168,8 @@ def _greedy(model, tokenizer, texts, max_new_tokens, batch_size, stop_early, pro
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     finished = None
     if stop_early is not None:
-        def finished(_i, new_tokens):
-            return bool(stop_early(tokenizer.decode(new_tokens, skip_special_tokens=True)))
+        def finished(_indices, new_tokens):
+            return [bool(stop_early(t)) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     try:
         new = decoding.greedy_decode(model, ids, max_new_tokens, batch_size, _eos_ids(model, tokenizer),
                                      tokenizer.pad_token_id, finished=finished, on_row_done=progress)

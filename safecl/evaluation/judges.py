@@ -137,7 +137,7 @@ def _opening_pattern(phrase: str) -> str:
     for c in reversed(chars[1:]):
         rest = f"(?:{c}{rest})?"
     head = r"(?<!\w)" if re.match(r"\w", phrase.strip()[0]) else ""
-    return f"{head}{chars[0]}{rest}\Z"
+    return rf"{head}{chars[0]}{rest}\Z"
 
 
 class KeywordJudge:
@@ -203,8 +203,8 @@ class KeywordJudge:
             return True
         if self.mode != "prefix" or len(text) < self.prefix_window or text.endswith("\ufffd"):
             return False
-        start = max(0, len(text) - self._longest)
-        return not any(self._opening.match(text, i) for i in range(start, self.prefix_window))
+        pending = self._opening.search(text, max(0, len(text) - self._longest))  # the leftmost open start
+        return pending is None or pending.start() >= self.prefix_window
 
     def describe(self) -> dict:
         return {
