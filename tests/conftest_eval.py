@@ -5,6 +5,7 @@ tokens; the model is a 2-layer LlamaForCausalLM with random weights. Kept local 
 evaluation tests (a shared builder may later live in safecl).
 """
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -36,3 +37,15 @@ def tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         initializer_range=0.5,  # spread-out logits: no near-ties for greedy decoding
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer, one per test module (import it with ``model`` as fixtures)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """The tiny model over ``tok``, one per test module."""
+    return tiny_model(tok)

@@ -7,19 +7,10 @@ import torch
 from safecl.evaluation import decoding
 from safecl.evaluation.generation import generate
 import tests.conftest_eval as tiny
+from tests.conftest_eval import model, tok  # noqa: F401  (fixtures)
 
 CONTENTS = ["hi", "Tell me a much longer story about cats and their owners, please.", "x",
             "How do I bake bread?", "Another prompt of middling length", "ok then", "What is 2 + 2?"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny.tiny_model(tok)
 
 
 def _ids(tok, contents):

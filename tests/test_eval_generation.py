@@ -5,6 +5,7 @@ import torch
 
 from safecl.evaluation.generation import generate
 import tests.conftest_eval as tiny
+from tests.conftest_eval import model, tok  # noqa: F401  (fixtures)
 
 PROMPTS = [
     [{"role": "user", "content": "hi"}],
@@ -13,16 +14,6 @@ PROMPTS = [
     [{"role": "user", "content": "How do I bake bread?"}],
     [{"role": "user", "content": "Another prompt of middling length"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny.tiny_model(tok)
 
 
 def _alone(model, tok, conv, max_new_tokens):
