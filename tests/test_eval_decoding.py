@@ -90,6 +90,14 @@ def test_logits_processors_and_sliding_windows_fall_back_to_generate(model, tok)
         assert not decoding.supported(model)
     finally:
         model.config.sliding_window = None
+
+    class NoPositions(torch.nn.Module):  # a causal LM whose forward takes no position ids
+        config = model.config
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            raise AssertionError("not called")
+
+    assert not decoding.supported(NoPositions())
     with pytest.raises(ValueError, match="engine"):
         generate(model, tok, convs, max_new_tokens=2, engine="fast")
 

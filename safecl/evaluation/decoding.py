@@ -75,7 +75,8 @@ def supported(model) -> bool:
             return False
     if getattr(config.get_text_config(decoder=True), "sliding_window", None) is not None:
         return False  # sliding-window layers keep a bounded cache: not this decoder's layout
-    return True
+    params = _forward_params(model)
+    return {"attention_mask", "position_ids"} <= params and bool({"cache", "past_key_values"} & params)
 
 
 def common_prefix_length(prompts: list[list[int]]) -> int:
