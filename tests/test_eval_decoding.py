@@ -85,11 +85,17 @@ def test_logits_processors_and_sliding_windows_fall_back_to_generate(model, tok)
         assert penalized != plain  # the penalty took effect: generate() honoured it
     finally:
         model.generation_config.repetition_penalty = 1.0
-    model.config.sliding_window = 4
-    try:
-        assert not decoding.supported(model)
-    finally:
-        model.config.sliding_window = None
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    windowed = MistralForCausalLM(MistralConfig(  # its cache keeps 4 positions per layer: not this decoder's layout
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, sliding_window=4, initializer_range=0.5,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    with pytest.raises(decoding.UnsupportedCache):
+        decoding.greedy_decode(windowed, [[1, 2, 3], [1, 2, 4]], 3, 2, set(), tok.pad_token_id)
+    assert generate(windowed, tok, convs, max_new_tokens=8, progress=False) == \
+        generate(windowed, tok, convs, max_new_tokens=8, progress=False, engine="hf")
 
     class NoPositions(torch.nn.Module):  # a causal LM whose forward takes no position ids
         config = model.config

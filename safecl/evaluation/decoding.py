@@ -36,8 +36,10 @@ Invariants:
 Only what this module can reproduce exactly is taken: :func:`supported` says no (and the
 caller uses ``model.generate``) for sampling, beams, logits processors that change a greedy
 argmax (repetition penalty, n-gram bans, forced or suppressed tokens, min length), encoder-
-decoder models, and caches other than full-attention ``DynamicCache`` layers (sliding-window
-or linear-attention layers).
+decoder models, and models without ``attention_mask``/``position_ids``/cache arguments; and a
+cache other than full-attention ``DynamicCache`` layers (sliding-window or linear-attention
+layers) raises :class:`UnsupportedCache` at the first forward, before any row is decoded, and
+the caller falls back.
 """
 
 from __future__ import annotations
@@ -73,8 +75,6 @@ def supported(model) -> bool:
     for key, neutral in _GREEDY_NEUTRAL.items():
         if gen is not None and getattr(gen, key, None) not in neutral:
             return False
-    if getattr(config.get_text_config(decoder=True), "sliding_window", None) is not None:
-        return False  # sliding-window layers keep a bounded cache: not this decoder's layout
     params = _forward_params(model)
     return {"attention_mask", "position_ids"} <= params and bool({"cache", "past_key_values"} & params)
 
