@@ -32,7 +32,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +41,7 @@ import torch
 from safecl.adapters import adapters_off, inject_adapters
 from safecl.evaluation.check import run_retention_check
 from safecl.evaluation.generation import generate
-from safecl.evaluation.judges import KeywordJudge, make_judge
+from safecl.evaluation.judges import KeywordJudge, _normalize, make_judge
 from safecl.evaluation.prompts import load_prompts
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import load_recipe
@@ -65,7 +65,7 @@ class BoundJudge:
 
     def decided(self, partial_response: str) -> bool:
         j = self.inner
-        text = partial_response.translate({0x2019: "'", 0x2018: "'", 0x02BC: "'", 0x2032: "'"}).lstrip()
+        text = _normalize(partial_response).lstrip()
         match = j._search(text)
         if match is not None and match.end() < len(text):
             return True
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     for name in ["base"] + [s["name"] for s in stages]:
         if name != "base":
             load_stage_adapter(layers, run / next(s for s in stages if s["name"] == name)["dir"] / "adapter")
-        with adapters_off(layers) if layers is not None and name == "base" else _nothing():
+        with adapters_off(layers) if layers is not None and name == "base" else nullcontext():
             times = {"before": [], "after": []}
             for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
                 before = check(model, tokenizer, before_cfg, judge=BoundJudge(judge),
@@ -174,14 +174,6 @@ def _random_model(args):
                           benign=PromptSetConfig(preset="xstest-safe", source=str(args.benign.resolve()), limit=128,
                                                  sample=True))
     return model, tokenizer, cfg, 0
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _identity(model, tokenizer, cfg, base_dir, judge, n_alone) -> dict:

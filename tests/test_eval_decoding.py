@@ -6,7 +6,6 @@ import torch
 
 from safecl.evaluation import decoding
 from safecl.evaluation.generation import generate
-import tests.conftest_eval as tiny
 from tests.conftest_eval import model, tok  # noqa: F401  (fixtures)
 
 CONTENTS = ["hi", "Tell me a much longer story about cats and their owners, please.", "x",

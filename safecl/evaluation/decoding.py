@@ -95,6 +95,11 @@ def _plain_dynamic(cache) -> bool:
             and all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in layers))
 
 
+def _require_plain(cache) -> None:
+    if not _plain_dynamic(cache):
+        raise UnsupportedCache(type(cache).__name__)
+
+
 class _GrowingLayer(DynamicLayer or object):
     """A ``DynamicLayer`` that writes new keys/values into room reserved up front.
 
@@ -206,17 +211,13 @@ class _Decoder:
             with torch.no_grad():
                 prefix = _cache_of(model(input_ids=torch.tensor([prompts[0][:self.P]], device=self.device),
                                          use_cache=True))
-            if not _plain_dynamic(prefix):
-                raise UnsupportedCache(type(prefix).__name__)
+            _require_plain(prefix)
             self.prefix_kv = [(layer.keys, layer.values) for layer in prefix.layers]
 
     def _forward(self, ids, mask, positions, cache, last_only: bool):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self.cache_kw: cache}, **(self.keep_kw if last_only else {}))
-        cache = _cache_of(out)
-        if not _plain_dynamic(cache):
-            raise UnsupportedCache(type(cache).__name__)
-        return out.logits[:, -1].argmax(dim=-1), cache
+        return out.logits[:, -1].argmax(dim=-1), _cache_of(out)
 
     def prefill(self, rows: list[int], chunk: int):
         """Run the prompts of ``rows`` (longest first) in chunks; one joined state for decoding:
@@ -239,6 +240,7 @@ class _Decoder:
                 cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1).contiguous(),
                                                       v.expand(b, -1, -1, -1).contiguous()) for k, v in self.prefix_kv])
             nxt, cache = self._forward(ids.to(device), mask.to(device), positions.to(device), cache, last_only=True)
+            _require_plain(cache)  # made by the model when there is no shared prefix
             parts.append((nxt, [(layer.keys, layer.values) for layer in cache.layers], mask.to(device),
                           positions[:, -1:].to(device)))
         width = max(m.shape[1] for _, _, m, _ in parts)

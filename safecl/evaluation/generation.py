@@ -115,8 +115,8 @@ def generate(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) for conv in prompts]
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # stable: equal lengths keep input order
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))  # stable: equal lengths keep input order
     responses: list[str | None] = [None] * len(texts)
     gen_kwargs: dict = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                         "pad_token_id": tokenizer.pad_token_id}
@@ -132,7 +132,7 @@ def generate(
     try:
         with torch.no_grad(), tqdm(total=len(texts), desc=desc, disable=not progress, leave=False) as bar:
             if use_decoder:
-                done = _greedy(model, tokenizer, texts, max_new_tokens, batch_size, stop_early, bar.update)
+                done = _greedy(model, tokenizer, ids, max_new_tokens, batch_size, stop_early, bar.update)
                 if done is not None:
                     return done
             for start in range(0, len(order), batch_size):
@@ -163,13 +163,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _greedy(model, tokenizer, texts, max_new_tokens, batch_size, stop_early, progress) -> list[str] | None:
+def _greedy(model, tokenizer, ids, max_new_tokens, batch_size, stop_early, progress) -> list[str] | None:
     """Responses by :func:`decoding.greedy_decode`; None when the model's cache is not one it handles."""
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    finished = None
-    if stop_early is not None:
-        def finished(_indices, new_tokens):
-            return [bool(stop_early(t)) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finished = None if stop_early is None else (  # the judge, once per step for all rows still going
+        lambda _indices, new_tokens: [bool(stop_early(t))
+                                      for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)])
     try:
         new = decoding.greedy_decode(model, ids, max_new_tokens, batch_size, _eos_ids(model, tokenizer),
                                      tokenizer.pad_token_id, finished=finished, on_row_done=progress)

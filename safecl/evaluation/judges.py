@@ -122,22 +122,30 @@ def _normalize(text: str) -> str:
     return text.translate(_APOSTROPHES)
 
 
+def _phrase_chars(phrase: str) -> list[str]:
+    """The phrase as one pattern per character: words joined by one whitespace character."""
+    return [r"\s" if c == " " else re.escape(c) for c in " ".join(_normalize(phrase).split())]
+
+
+def _boundary(phrase: str, end: bool) -> str:
+    """A word boundary before (after) the phrase when it starts (ends) with a word character."""
+    if not re.match(r"\w", phrase.strip()[-1 if end else 0]):
+        return ""
+    return r"(?!\w)" if end else r"(?<!\w)"
+
+
 def _phrase_pattern(phrase: str) -> str:
-    body = r"\s".join(re.escape(word) for word in _normalize(phrase).split())
-    head = r"(?<!\w)" if re.match(r"\w", phrase.strip()[0]) else ""
-    tail = r"(?!\w)" if re.match(r"\w", phrase.strip()[-1]) else ""
-    return head + body + tail
+    return _boundary(phrase, end=False) + "".join(_phrase_chars(phrase)) + _boundary(phrase, end=True)
 
 
 def _opening_pattern(phrase: str) -> str:
     """Matches, up to the end of the text, any non-empty opening of ``phrase`` (the whole
     phrase included: its end boundary is not yet seen), with the phrase's start boundary."""
-    chars = [r"\s" if c == " " else re.escape(c) for c in " ".join(_normalize(phrase).split())]
+    chars = _phrase_chars(phrase)
     rest = ""
     for c in reversed(chars[1:]):
         rest = f"(?:{c}{rest})?"
-    head = r"(?<!\w)" if re.match(r"\w", phrase.strip()[0]) else ""
-    return rf"{head}{chars[0]}{rest}\Z"
+    return rf"{_boundary(phrase, end=False)}{chars[0]}{rest}\Z"
 
 
 class KeywordJudge:
