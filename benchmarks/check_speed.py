@@ -13,7 +13,8 @@ recipe (model, judge, prompt sets, max_new_tokens), one retention check two ways
 It prints seconds (the median of ``--repeats`` interleaved checks), the ratio after/before (the issue's target: <= 1), and each check's scores
 with their 95% intervals. Then, on the last checkpoint, whether the decoder's answers equal
 ``model.generate``'s: all 128 + 128 against batch 16, and the first ``--n-alone`` of each set
-against batch size 1 (unbatched greedy decoding). Timings are wall clock on whatever the
+against batch size 1 (unbatched greedy decoding). ``--bf16`` adds, per checkpoint, the after
+check on a bf16 copy of the model: its seconds and how many verdicts change. Timings are wall clock on whatever the
 machine is doing: run it on idle cores.
 
     python benchmarks/check_speed.py runs/study/s0-lori-s --json benchmarks/results/check_speed.json
@@ -29,6 +30,7 @@ machine without the weights (the GPU machine), on ``--harmful`` and ``--benign``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="checks of each kind per checkpoint; the median is shown")
     ap.add_argument("--limit", type=int, default=128, help="prompts per set after; before gets a quarter")
     ap.add_argument("--n-alone", type=int, default=16, help="prompts per set compared with batch size 1")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run the after check on a bf16 copy of the model: its seconds and the verdicts it changes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if (args.run is None) == (args.random_init is None):
@@ -143,12 +147,20 @@ def main(argv=None) -> int:
                 after = check(model, tokenizer, after_cfg, judge=judge)
                 times["before"].append(round(before.seconds, 2))
                 times["after"].append(round(after.seconds, 2))
+            half = check(copy.deepcopy(model).to(torch.bfloat16), tokenizer, after_cfg, judge=judge) \
+                if args.bf16 else None
         before.seconds, after.seconds = statistics.median(times["before"]), statistics.median(times["after"])
         pair = {"checkpoint": name, "before": _row("before", before), "after": _row("after", after),
                 "ratio_after_over_before": round(after.seconds / before.seconds, 3), "seconds_each_repeat": times}
         rows.append(pair)
         print(f"{name}:\n  {_show(pair['before'])}\n  {_show(pair['after'])}\n  after/before: "
               f"{pair['ratio_after_over_before']:.2f} (4x the prompts)", flush=True)
+        if half is not None:
+            changed = {e.name: sum(a["verdict"] != b["verdict"] for a, b in zip(e.samples, h.samples))
+                       for e, h in zip(after.evals, half.evals)}
+            pair["bf16"] = _row("bf16", half)
+            pair["bf16_verdicts_changed_vs_after"] = changed
+            print(f"  {_show(pair['bf16'])}\n  bf16 copy: verdicts changed vs after: {changed}", flush=True)
     identity = _identity(model, tokenizer, after_cfg, base_dir, judge, args.n_alone)
     print(f"{stages[-1]['name'] if stages else 'base'}: decoder == model.generate batch 16: "
           f"{identity['same_as_hf_batch16']}/{identity['n']};  == batch 1 (first {args.n_alone} of each set): "
