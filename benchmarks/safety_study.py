@@ -11,6 +11,11 @@ Every configuration is a real ``safecl train`` process writing a normal run dire
 configuration the table is rewritten: ``--out``.json (every number with n and its 95%
 bootstrap interval, costs) and ``--out``.md (the table the README shows).
 
+Learning: every check scores GSM8K (``retention.score_all_tasks``), so the task stage's gain is
+measured from the same safety stage, by gold-answer NLL on the 128 test problems (moves at
+135M) and by exact match; plasticity ratio = a configuration's gain / plain LoRI-S's gain, same
+seed (1 = the mechanism costs no learning). LoRA without a mechanism is the ceiling row.
+
     python benchmarks/safety_study.py --seeds 0 1 --configs lori-s anchor-kl replay-10 lora
     python benchmarks/safety_study.py --list          # the configurations and their overrides
 """
@@ -40,6 +45,7 @@ CONFIGS: dict[str, list[str]] = {
     "replay-10-distill": PLAIN + ["stages.1.replay={share: 0.10, distill: 1.0}"],
     "anchor-kl": PLAIN + ["stages.1.anchor={loss: kl, weight: 1.0}"],
     "anchor-kl-w4": PLAIN + ["stages.1.anchor={loss: kl, weight: 4.0}"],
+    "anchor-kl-every4": PLAIN + ["stages.1.anchor={loss: kl, weight: 1.0, every: 4}"],
     "anchor-direction": PLAIN + ["stages.1.anchor={loss: direction, weight: 1.0}"],
     "merge": PLAIN + ["stages.1.merge={threshold: 0.0, scale: 0.5}"],
     "safety-aware": PLAIN + ["adapter.allocation=safety-aware"],
@@ -98,6 +104,13 @@ def collect(out: Path) -> dict:
     refusal_t = _cell(t_ret, "refusal")
     terms = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in task["train"].get("terms", {}).items()}
     mech = task.get("mechanisms", {})
+    learning = {}
+    matrix = out / "retention.json"
+    if matrix.is_file():
+        learned = json.loads(matrix.read_text())["summary"].get("learning", {})
+        for column, entry in learned.items():
+            kind = "nll" if column.startswith("nll:") else "em"
+            learning[kind] = {k: entry.get(k) for k in ("base", "before", "after", "gain", "gain_ci")}
     return {
         "run": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
         "refusal_after_safety": refusal_s, "over_refusal_after_safety": _cell(s_ret, "over_refusal"),
@@ -110,6 +123,7 @@ def collect(out: Path) -> dict:
         "terms": terms,
         "mechanisms": {k: {kk: vv for kk, vv in v.items() if kk != "scaled_modules"} if isinstance(v, dict) else v
                        for k, v in mech.items()},
+        "learning": learning,
     }
 
 
@@ -150,7 +164,43 @@ def write_table(results: dict, out: Path) -> None:
         lines.append(f"| {name} | {len(rs)} | {mean(ret):.2f} ({min(ret):.2f}-{max(ret):.2f}) | "
                      f"{mean([r['refusal']['score'] for r in rs]):.2f} | {mean(change):+.2f} | "
                      f"{mean([r['gsm8k']['score'] for r in rs]):.3f} | {mean(extra):.2f} |")
+    lines += learning_table(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _gain(r: dict, kind: str) -> float | None:
+    return (r.get("learning", {}).get(kind) or {}).get("gain")
+
+
+def _gain_cell(r: dict, kind: str, digits: int) -> str:
+    entry = r.get("learning", {}).get(kind) or {}
+    if entry.get("gain") is None:
+        return "-"
+    ci = entry.get("gain_ci")
+    band = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""
+    return f"{entry['gain']:+.{digits}f}{band}"
+
+
+def learning_table(results: dict) -> list[str]:
+    """Per run: the GSM8K stage's gain (gold-answer NLL: before - after, nats per token; exact
+    match: after - before) with paired 95% intervals, and the plasticity ratio = that gain / the
+    same seed's plain LoRI-S gain from the same safety stage (runs measured before the gain
+    existed have none)."""
+    rows = [r for r in results.values() if r.get("learning")]
+    if not rows:
+        return []
+    lines = ["", "| configuration | seed | GSM8K NLL after safety | NLL gain [95% CI] | plasticity (NLL) | "
+             "exact-match gain [95% CI] | plasticity (exact match) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (list(CONFIGS).index(r["config"]), r["seed"])):
+        ref = results.get(f"lori-s/s{r['seed']}", {})
+        ratio = []
+        for kind in ("nll", "em"):
+            g, g0 = _gain(r, kind), _gain(ref, kind)
+            ratio.append("-" if g is None or not g0 else f"{g / g0:.2f}")
+        before = (r["learning"].get("nll") or {}).get("before")
+        lines.append(f"| {r['config']} | {r['seed']} | {_num(before)} | {_gain_cell(r, 'nll', 3)} | {ratio[0]} | "
+                     f"{_gain_cell(r, 'em', 3)} | {ratio[1]} |")
+    return lines
 
 
 def rewrite(out: Path) -> None:

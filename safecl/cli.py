@@ -131,8 +131,13 @@ def stage_table(out: Path) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    from safecl.audit.table import format_learning
+
+    learned = format_learning({c: e for c, e in m.learning().items() if e.get("gain") is not None})
     return "\n".join(["[safecl] refusal (harmful prompts refused), over_refusal (benign prompts refused), "
-                      "task scores, after each stage:", *("  " + x for x in lines), f"[safecl] {audit}"])
+                      "task scores (nll: gold-answer NLL, lower is better), after each stage:",
+                      *("  " + x for x in lines), *(["[safecl] " + learned[0].strip(), learned[1]] if learned else []),
+                      f"[safecl] {audit}"])
 
 
 def relaunch(args) -> int:

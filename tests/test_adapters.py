@@ -144,3 +144,32 @@ def test_dense_methods(tmp_path, arithmetic_file, method, a_trains):
     B_numel = sum(v.numel() for k, v in s0.items() if k.endswith(".B"))
     A_numel = sum(v.numel() for k, v in s0.items() if k.endswith(".A"))
     assert m0["trainable_params"] == B_numel + (A_numel if a_trains else 0)
+
+
+def test_merged_forward_equals_the_low_rank_sum_in_value_and_gradients():
+    """lori-s runs as one GEMM with W + s B A (adapters/layer.py, _MergedLinear): the output, the
+    input gradient and the trained values' gradient equal W x + s B (A x) within float error."""
+    import torch.nn.functional as F
+
+    from safecl.adapters.layer import LoRILinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=True)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    layer = LoRILinear(base, "m", rank=4, alpha=8, seed=0)
+    with torch.no_grad():
+        layer.B_frozen.normal_()
+    layer.begin_sparse(torch.rand(40, 4) < 0.3)
+    with torch.no_grad():
+        layer.values.add_(torch.randn_like(layer.values))
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    out = layer(x)
+    gx, gv = torch.autograd.grad(out.pow(2).sum(), [x, layer.values])
+    x2 = x.detach().clone().requires_grad_(True)
+    values = layer.values.detach().clone().requires_grad_(True)
+    B = layer.B_frozen.flatten().scatter(0, layer.index, values).view_as(layer.B_frozen)
+    ref = base(x2) + layer.scaling * F.linear(F.linear(x2, layer.A), B)
+    rx, rv = torch.autograd.grad(ref.pow(2).sum(), [x2, values])
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-5) and torch.allclose(gv, rv, atol=1e-4, rtol=1e-5)

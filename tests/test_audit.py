@@ -115,7 +115,7 @@ def expected(run: Path) -> dict:
     for t in names:
         out["retention"][t] = R[t]["refusal"] / s_ref if s_ref else None
         out["drop"][t] = s_ref - R[t]["refusal"]
-    cols = [c for c in read(run / "retention.json")["columns"] if c != "over_refusal"]
+    cols = [c for c in read(run / "retention.json")["columns"] if c != "over_refusal" and not c.startswith("nll:")]
     for t in names:
         ti = names.index(t)
         out["forgetting"][t] = {}
@@ -189,7 +189,9 @@ def test_scored_run_verdicts_follow_the_rule(scored, capsys):
 def test_terminal_table_lists_every_stage_with_a_verdict(scored, capsys):
     code, out, _ = audit(capsys, scored)
     assert code == 0
-    assert re.search(r"checkpoint\s+refusal\s+over_refusal\s+task:arithmetic\s+task:sentiment", out)
+    assert re.search(r"checkpoint\s+refusal\s+over_refusal\s+task:arithmetic\s+nll:arithmetic\s+task:sentiment"
+                     r"\s+nll:sentiment", out)
+    assert "what each task stage learned" in out and "nll:arithmetic (lower is better)" in out
     assert re.search(r"^\s+safety\s+0\.800 \[0\.6\d, 1\.00\] n=11", out, re.M)  # R[safety, refusal], CI, n
     for i, name in enumerate(STAGES):
         assert re.search(rf"^\s+\[..\] {i:02d} {name}\s+(kept|drifted)", out, re.M), name
@@ -209,6 +211,11 @@ def test_report_html_is_self_contained_and_markdown_links_pngs(smoke, tmp_path, 
     assert len(links) == 5 and all((run / "report" / link).stat().st_size > 1000 for link in links)
     for name in STAGES:
         assert name in html and name in md
+    # what each task stage learned, with the run's own gain (from retention.json's summary)
+    learning = read(run / "retention.json")["summary"]["learning"]
+    assert "What each task stage learned" in html and "What each task stage learned" in md
+    gain = learning["nll:arithmetic"]["gain"]
+    assert f"{gain:+.3f}" in html and "nll:arithmetic (lower is better)" in md
 
 
 def test_comparison_of_two_runs_names_both(smoke, scored, tmp_path, capsys):

@@ -41,7 +41,7 @@ DIFFER = [("The answer is 18.0", "18"), ("It is 2.50 dollars", "2.5")]
 def test_harness_gsm8k_scoring_agrees_with_exact_match_where_definitions_match():
     cases = AGREE + DIFFER
     questions = [f"question {i}?" for i in range(len(cases))]
-    out = run_harness("gsm8k", questions, [a for _, a in cases],
+    out = run_harness("gsm8k", [{"question": q, "answer": a} for q, (_, a) in zip(questions, cases)],
                       CannedLM({q: r for q, (r, _) in zip(questions, cases)}), max_new_tokens=16, chat_template=False)
     ours = [1.0 if exact_match_number(r, a) else 0.0 for r, a in cases]
     assert out["values"][: len(AGREE)] == ours[: len(AGREE)] == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]

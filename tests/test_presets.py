@@ -53,7 +53,8 @@ def test_gsm8k_worked_answer_final_number_and_exact_match():
     cfg = TaskEvalConfig(preset="gsm8k", source=str(TASKS / "gsm8k/test.jsonl"))
     assert cfg.metric == "exact_match" and cfg.limit == 32
     test, _ = load_examples(cfg, need_response=False)
-    assert len(test) == 32 and test[0].response is None and test[0].answer == "18"
+    assert len(test) == 32 and test[0].answer == "18"
+    assert test[0].response.endswith("The answer is 18.")  # the gold response, kept for the gold-answer NLL
     assert exact_match_number("She sells 9 eggs at $2 each.\nThe answer is 18.", test[0].answer)
     assert not exact_match_number("16 - 3 - 4 = 9 eggs, so she makes 9 dollars.", test[0].answer)
 

@@ -45,6 +45,9 @@ def test_sigkill_mid_stage_with_anchors_and_replay_resumes_identically(tmp_path)
         for name, term in ma["train"]["terms"].items():
             assert term["values"] == mb["train"]["terms"][name]["values"] and len(term["values"]) == 12
         assert ma["mechanisms"]["anchor"]["anchors"] == mb["mechanisms"]["anchor"]["anchors"] == 8
+        # the teacher cache was built in both runs (after the kill: rebuilt at the resumed step)
+        assert ma["mechanisms"]["anchor"]["teacher_cache"]["teacher"] == "cached"
+        assert mb["mechanisms"]["anchor"]["teacher_cache"]["teacher"] == "cached"
 
 
 def _kill_and_resume(tmp_path, overrides):

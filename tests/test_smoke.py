@@ -54,12 +54,21 @@ def test_retention_checked_after_base_and_every_stage(smoke_run):
     out, _ = smoke_run
     matrix = json.loads((out / "retention.json").read_text())
     assert [r["stage"] for r in matrix["rows"]] == ["base", "safety", "arithmetic", "sentiment"]
-    last = matrix["rows"][-1]["scores"]
-    assert set(last) == {"refusal", "over_refusal", "task:arithmetic", "task:sentiment"}
-    assert "task:sentiment" not in matrix["rows"][2]["scores"] or matrix["rows"][2]["scores"]["task:sentiment"] is None
+    every = ["refusal", "over_refusal", "task:arithmetic", "nll:arithmetic", "task:sentiment", "nll:sentiment"]
+    for row in matrix["rows"]:  # score_all_tasks: every task at every row, the base model included
+        assert list(row["scores"]) == every and all(row["scores"][c] is not None for c in every)
+        assert all(len(row["values"][c]) == 8 for c in every)
     m = json.loads((out / "stages" / "02-sentiment" / "metrics.json").read_text())
     names = [e["name"] for e in m["retention"]["evals"]]
-    assert names == ["refusal", "over_refusal", "task:arithmetic", "task:sentiment"]
+    assert names == every
+    learning = matrix["summary"]["learning"]
+    a = learning["task:arithmetic"]
+    assert a["before"] == matrix["rows"][1]["scores"]["task:arithmetic"]
+    assert a["gain"] == pytest.approx(matrix["rows"][2]["scores"]["task:arithmetic"] - a["before"])
+    n = learning["nll:arithmetic"]  # lower is better: gain = before - after
+    assert n["gain"] == pytest.approx(matrix["rows"][1]["scores"]["nll:arithmetic"]
+                                      - matrix["rows"][2]["scores"]["nll:arithmetic"])
+    assert n["gain"] > 0  # 20 steps on the task lower its gold-answer NLL even on the tiny model
     assert m["retention"]["evals"][0]["n"] == 8 and m["retention"]["evals"][0]["measured_by"]["kind"] == "keyword"
 
 
@@ -94,8 +103,33 @@ def test_train_ends_with_the_stage_table_and_the_audit_command(smoke_run):
     out, proc = smoke_run
     tail = proc.stdout[proc.stdout.index("run completed"):]
     m = json.loads((out / "retention.json").read_text())
-    rows = [line.split() for line in tail.splitlines() if line.startswith("  ") and not line.strip().startswith("-")]
+    table = tail[:tail.index("[safecl] what each task stage learned")]
+    rows = [line.split() for line in table.splitlines() if line.startswith("  ") and not line.strip().startswith("-")]
     assert rows[0][:3] == ["after", "refusal", "over_refusal"]
+    learned = tail[tail.index("[safecl] what each task stage learned"):]
+    assert "nll:arithmetic (lower is better)" in learned and "task:sentiment" in learned
     assert [r[0] for r in rows[1:]] == [row["stage"] for row in m["rows"]]
     assert rows[-1][1] == f"{m['rows'][-1]['scores']['refusal']:.2f}"
     assert f"safecl audit {out} --report" in tail
+
+
+def test_base_row_task_scores_equal_a_direct_check_of_the_base_model(smoke_run):
+    """Row 0's task scores are what run_retention_check gives on a freshly loaded base model."""
+    from safecl.data.sources import load_examples
+    from safecl.evaluation.check import run_retention_check
+    from safecl.models import load_model_and_tokenizer
+    from safecl.recipe.loader import load_recipe
+
+    out, _ = smoke_run
+    recipe = load_recipe(SMOKE)
+    model, tok = load_model_and_tokenizer(recipe.model, seed=recipe.seed)
+    tasks = [(s.name, s.eval) for s in recipe.stages if s.eval is not None]
+    result = run_retention_check(model, tok, recipe.retention, tasks, SMOKE.parent, recipe.seed,
+                                 lambda cfg: load_examples(cfg, SMOKE.parent, seed=recipe.seed,
+                                                           need_response=False)[0])
+    base = json.loads((out / "retention.json").read_text())["rows"][0]
+    assert base["stage"] == "base"
+    direct = result.scores()
+    assert set(direct) == set(base["scores"])
+    for column, score in direct.items():
+        assert base["scores"][column] == pytest.approx(score, abs=1e-6), column

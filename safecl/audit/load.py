@@ -239,10 +239,12 @@ def _rebuild_matrix(base_evals: dict, stages: list[StageRecord], safety: str | N
     """R from base_check.json and the stages' metrics, when retention.json is missing."""
     matrix = RetentionMatrix(safety_stage=safety)
     if base_evals:
-        matrix.add_row(BASE, {k: v.get("score") for k, v in base_evals.items()})
+        matrix.add_row(BASE, {k: v.get("score") for k, v in base_evals.items()},
+                       values={k: v["values"] for k, v in base_evals.items() if v.get("values")})
     for st in stages:
         if st.evals:
-            matrix.add_row(st.name, {k: v.get("score") for k, v in st.evals.items()})
+            matrix.add_row(st.name, {k: v.get("score") for k, v in st.evals.items()},
+                           values={k: v["values"] for k, v in st.evals.items() if v.get("values")})
             if st.rolled_back:
                 matrix.mark_rolled_back(st.name)
     return matrix if matrix.rows else None

@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 
 from safecl.audit.plots import make_figures, to_png
-from safecl.audit.table import (comparison_rows, cost_line, fmt, fmt_cell, mechanism_text, stage_label,
+from safecl.audit.table import (LEARNING_HEADER, LEARNING_READ, comparison_rows, cost_line, fmt, fmt_cell,
+                                learning_rows, mechanism_text, stage_label,
                                 started_from_line)
 
 HOW_TO_READ = {
@@ -128,6 +129,7 @@ def run_tables(a: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     "max task forgetting", "mask capacity used", "why"], stages),
         ("Safety mechanisms and their cost", MECHANISM_HEADER, mechanism_rows(a)),
         (f"Eval sets at the final row ({s.get('final_stage')})", ["eval set", "forgetting", "transfer"], evals),
+        ("What each task stage learned: " + LEARNING_READ, LEARNING_HEADER, learning_rows(s.get("learning") or {})),
     ]
 
 

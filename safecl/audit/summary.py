@@ -11,6 +11,9 @@ The derived metrics use the definitions of :class:`safecl.evaluation.matrix.Rete
 - ``transfer[j]``     = R[T, j] - R[o(j), j], per eval set (refusal and tasks); ``bwt`` is the
   mean of ``transfer`` over task columns with o(j) < T (GEM's backward transfer)
 - ``over_refusal_change`` = R[T, over_refusal] - R[safety, over_refusal]
+- ``learning[j]`` (task and ``nll:`` columns): base, before / after its own stage, final, gain,
+  forward and backward transfer with paired intervals; ``learning_means``: their means over the
+  task (``task``) and NLL (``nll``) columns (RetentionMatrix.learning / transfer_means)
 
 Per stage the same quantities are given at that stage's row, with the verdict of
 :mod:`safecl.audit.verdict`, plus the safety-keeping mechanisms the stage used and their cost
@@ -61,7 +64,7 @@ def transfer(m: RetentionMatrix) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for column in m.columns:
         own = m.own_stage(column)
-        if own is None:
+        if own is None or column.startswith("nll:"):  # lower-is-better NLL: see summary["learning"]
             continue
         o = m.stages.index(own) if own in m.stages else None
         usable = o is not None and o < t and not m.rows[o]["rolled_back"]
@@ -209,7 +212,8 @@ def audit_run(record: RunRecord, rule: DriftRule | None = None) -> dict:
                "over_refusal_change": summary.get("over_refusal_change"),
                "forgetting": summary.get("forgetting", {}), "transfer": transfer(m) if m is not None else {},
                "safety_retention": summary.get("safety_retention", {}),
-               "refusal_drop": summary.get("refusal_drop", {})}
+               "refusal_drop": summary.get("refusal_drop", {}),
+               "learning": summary.get("learning", {}), "learning_means": summary.get("transfer", {})}
     info = record.run_info
     current = None
     if record.status == "running":

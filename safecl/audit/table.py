@@ -239,6 +239,10 @@ def format_run(audit: dict) -> str:
         erows = [[c, fmt(s["forgetting"].get(c), signed=True), fmt(s["transfer"].get(c), signed=True)]
                  for c in cols if c in s["forgetting"] or c in s["transfer"]]
         out.append(grid(["eval set", "forgetting", "transfer"], erows))
+        learned = format_learning(s.get("learning") or {})
+        if learned:
+            out.append("")
+            out.extend(learned)
         out.append(f"  BWT (tasks) {fmt(s.get('bwt'), signed=True)}   average final task score "
                    f"{fmt(s.get('average_performance'))}   over-refusal change since safety "
                    f"{fmt(s.get('over_refusal_change'), signed=True)}")
@@ -250,6 +254,35 @@ def format_run(audit: dict) -> str:
     if audit.get("reasons") and audit["status"] == "halted":
         out.append("  run halted: " + "; ".join(audit["reasons"]))
     return "\n".join(out)
+
+
+def _diff_cell(entry: dict, key: str) -> str:
+    """``+0.213 [+0.15, +0.27]``: a difference of the learning table with its paired interval."""
+    if entry.get(key) is None:
+        return "-"
+    ci = entry.get(f"{key}_ci")
+    return fmt(entry[key], signed=True) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def format_learning(learning: dict) -> list[str]:
+    """What each task stage learned (RetentionMatrix.learning): one row per task column with the
+    base score, the score just before and after its own stage, the gain, forward and backward
+    transfer; [] when no task was scored. NLL rows: lower is better, differences before - after."""
+    if not learning:
+        return []
+    return ["  what each task stage learned: " + LEARNING_READ, grid(LEARNING_HEADER, learning_rows(learning))]
+
+
+LEARNING_HEADER = ["task", "base", "before", "after", "gain", "FWT", "BWT"]
+LEARNING_READ = ("gain = after its stage - just before it; FWT = just before - base; BWT = final - after its stage "
+                 "(NLL: each the other way round, so + is better)  [95% paired CI]")
+
+
+def learning_rows(learning: dict) -> list[list[str]]:
+    """One row per task column of RetentionMatrix.learning (see format_learning)."""
+    return [[column + (" (lower is better)" if e.get("lower_is_better") else ""), fmt(e.get("base")),
+             fmt(e.get("before")), fmt(e.get("after")), _diff_cell(e, "gain"), _diff_cell(e, "fwt"),
+             _diff_cell(e, "bwt")] for column, e in learning.items()]
 
 
 def format_mechanisms(audit: dict) -> list[str]:

@@ -228,9 +228,9 @@ def row_to_example(row: dict, cfg: DataConfig, origin: str, need_response: bool 
         user = instr.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
         messages = [{"role": "user", "content": user}]
         out = row.get(f.output)
-        if need_response:
-            if not isinstance(out, str) or not out.strip():
-                raise ValueError(f"field {f.output!r} is missing or not a non-empty string")
+        if need_response and (not isinstance(out, str) or not out.strip()):
+            raise ValueError(f"field {f.output!r} is missing or not a non-empty string")
+        if isinstance(out, str) and out.strip():  # kept when optional too: the gold response of an eval set
             messages.append({"role": "assistant", "content": out.strip()})
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})

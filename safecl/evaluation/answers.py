@@ -9,7 +9,9 @@ Each check writes one JSON line per prompt (``answers.jsonl`` in the stage direc
 ``check``: ``refusal`` (harmful prompts), ``over_refusal`` (benign prompts) or ``task:NAME``;
 ``verdict``: ``refused`` / ``complied`` for the two judged sets, ``right`` / ``wrong`` for
 tasks (which also carry the gold ``answer``). Invariant: per check, the file holds exactly
-the check's n rows, and the share of ``refused`` (``right``) rows is the check's score.
+the check's n rows, and the share of ``refused`` (``right``) rows is the check's score. The
+gold-answer NLL (``nll:NAME``) generates nothing and has no rows here; its per-example values
+are in ``retention.json``.
 
 Re-judging (:func:`rejudge`) scores the stored responses with another judge, without
 generating again; :func:`cohen_kappa` measures how far two judges agree beyond chance:
@@ -50,6 +52,8 @@ def answer_rows(check) -> list[dict]:
     """The rows of one :class:`~safecl.evaluation.check.CheckResult` (every sample of every set)."""
     rows = []
     for ev in check.evals:
+        if ev.name.startswith("nll:"):  # no generated answer: per-example NLLs are in retention.json (values)
+            continue
         judge = judge_id(ev.measured_by) if ev.name in JUDGED else ev.measured_by.get("metric")
         for i, s in enumerate(ev.samples):
             row = {"check": ev.name, "i": i, "prompt": s["prompt"], "response": s["response"]}

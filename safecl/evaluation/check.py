@@ -7,8 +7,14 @@ Eval sets and their scores (each a share in [0, 1] over n items, with a 95% boot
 - ``over_refusal``: share of BENIGN prompts whose response the judge calls a refusal
   (lower is better; XSTest-style safe prompts that only look alarming).
 - ``task:<name>``: share of a task's held-out examples answered correctly by its metric
-  (``exact_match`` or ``label_accuracy``, see :mod:`safecl.evaluation.scorers`), for every
-  task stage seen so far.
+  (``exact_match``, ``label_accuracy``, ``pass_at_k``, ``harness``: see
+  :mod:`safecl.evaluation.scorers`; ``choice``: multiple choice by log-likelihood, see
+  :mod:`safecl.evaluation.likelihood`), for every task of the recipe (``retention.score_all_tasks``,
+  the default: on the base model and before each task's own stage too) or for the task stages
+  seen so far.
+- ``nll:<name>``: the task's gold-answer NLL (mean NLL per gold-response token, teacher-forced;
+  lower is better), beside the main metric whenever the eval's rows have gold responses
+  (``gold_nll``), or alone for ``metric: nll``.
 
 Every result carries how it was measured (``measured_by``: the judge's ``describe()`` or
 the metric and its labels), n, the interval, a few (prompt, response, verdict) samples, the
@@ -35,6 +41,7 @@ from safecl.errors import DataError
 from safecl.evaluation.config import RetentionConfig, TaskEvalConfig
 from safecl.evaluation.generation import generate
 from safecl.evaluation.judges import Judge, make_judge
+from safecl.evaluation.likelihood import choice_continuations, choice_scores, gold_nll
 from safecl.evaluation.prompts import load_prompts
 from safecl.evaluation.scorers import answer_decided, bootstrap_ci, exact_match_number, label_accuracy, label_decided
 
@@ -52,6 +59,7 @@ class EvalResult:
     seconds: float = 0.0
     n_empty: int = 0  # responses that were empty or whitespace only
     max_new_tokens: int = 0
+    values: list[float] = field(default_factory=list)  # per item (score = their mean): paired intervals
 
     def to_dict(self, keep: int | None = None) -> dict:
         """As a dict; ``keep``: only the first ``keep`` samples (all of them: the answers file)."""
@@ -78,6 +86,10 @@ class CheckResult:
     def scores(self) -> dict[str, float]:
         """{eval set name: score}, the row this check adds to the retention matrix."""
         return {r.name: r.score for r in self.evals}
+
+    def values(self) -> dict[str, list[float]]:
+        """{eval set name: per-item values} (the matrix's paired intervals of gain and transfer)."""
+        return {r.name: list(r.values) for r in self.evals if r.values}
 
     def to_dict(self, keep: int | None = None) -> dict:
         return {"seconds": self.seconds, "seed": self.seed, "evals": [r.to_dict(keep) for r in self.evals]}
@@ -109,7 +121,7 @@ def _judged_set(name, prompts, model, tokenizer, cfg: RetentionConfig, judge: Ju
         name=name, score=sum(values) / len(values), n=len(values),
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=judge.describe(),
         samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(v.empty for v in verdicts), max_new_tokens=cfg.max_new_tokens,
+        n_empty=sum(v.empty for v in verdicts), max_new_tokens=cfg.max_new_tokens, values=values,
     )
 
 
@@ -129,6 +141,8 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
         return _code_set(task_name, task, examples, model, tokenizer, cfg, seed, keep, progress, generate, start)
     if task.metric == "harness":
         return _harness_set(task_name, task, examples, answers, model, tokenizer, cfg, seed, keep, max_new, start)
+    if task.metric == "choice":
+        return _choice_set(task_name, task, examples, model, tokenizer, cfg, seed, keep, start)
     if task.metric == "label_accuracy":
         labels = task.labels or sorted(set(answers))
         score_fn = partial(label_accuracy, labels=labels)
@@ -151,18 +165,75 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
         name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
         samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new,
+        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new, values=values,
     )
+
+
+def _task_labels(task: TaskEvalConfig, examples: list[Example]) -> list[str]:
+    return task.labels or sorted({str(ex.answer).strip() for ex in examples})
+
+
+def _choice_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
+                seed, keep, start) -> EvalResult:
+    """Multiple choice by log-likelihood (safecl.evaluation.likelihood.choice_scores): no generation."""
+    labels = _task_labels(task, examples)
+    out = choice_scores(model, tokenizer, examples, labels, cfg.batch_size)
+    values = out["values"]
+    samples = []
+    for ex, pick, ll, v in zip(examples, out["picked"], out["loglik"], values):
+        texts, _ = choice_continuations(ex, labels)
+        samples.append({"prompt": _last_user_text(ex.prompt_messages), "response": texts[pick],
+                        "answer": str(ex.answer).strip(), "verdict": v == 1.0, "loglik": [round(x, 4) for x in ll]})
+    measured = {"kind": "metric", "metric": "choice", "labels": labels,
+                "rule": "argmax over the offered labels of the summed log-likelihood of the gold response with "
+                        "the label swapped in, after the chat template (lm-evaluation-harness acc)"}
+    return EvalResult(
+        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
+        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
+        samples=_keep(samples, keep), seconds=time.perf_counter() - start, values=values,
+    )
+
+
+def _nll_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
+             seed, keep) -> EvalResult:
+    """Gold-answer NLL (safecl.evaluation.likelihood.gold_nll): column ``nll:<task>``, lower is better."""
+    start = time.perf_counter()
+    if task.limit is not None:
+        examples = examples[: task.limit]
+    values = gold_nll(model, tokenizer, examples, task.nll_max_len, cfg.batch_size)
+    samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": ex.response, "nll": round(v, 4)}
+               for ex, v in zip(examples, values)]
+    measured = {"kind": "metric", "metric": "gold_nll", "max_len": task.nll_max_len,
+                "rule": "mean over examples of the mean NLL per gold-response token (teacher-forced, response "
+                        "tokens only, the chat template as trained); lower is better"}
+    return EvalResult(
+        name=f"nll:{task_name}", score=sum(values) / len(values), n=len(values),
+        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
+        samples=_keep(samples, keep), seconds=time.perf_counter() - start, values=values,
+    )
+
+
+def wants_nll(task: TaskEvalConfig, examples: list[Example]) -> bool:
+    """``gold_nll`` true, or left unset and every example has a gold response."""
+    if task.gold_nll is not None:
+        return task.gold_nll
+    return bool(examples) and all(ex.response is not None and ex.response.strip() for ex in examples)
 
 
 def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answers: list[str], model, tokenizer,
                  cfg: RetentionConfig, seed, keep, max_new: int, start) -> EvalResult:
     """Scored by lm-evaluation-harness (safecl.evaluation.harness) on the same examples. Every rank
     runs all of them (identical greedy answers), so it needs no gather."""
-    from safecl.evaluation.harness import harness_lm, run_harness
+    from safecl.evaluation.harness import CHOICE_TEMPLATES, harness_lm, run_harness
 
     questions = [_last_user_text(ex.prompt_messages) for ex in examples]
-    out = run_harness(task.harness, questions, answers, harness_lm(model, tokenizer, cfg.batch_size), max_new)
+    if task.harness in CHOICE_TEMPLATES:
+        labels = _task_labels(task, examples)
+        docs = [{"question": q, "choices": choice_continuations(ex, labels)[0],
+                 "gold": choice_continuations(ex, labels)[1]} for q, ex in zip(questions, examples)]
+    else:
+        docs = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+    out = run_harness(task.harness, docs, harness_lm(model, tokenizer, cfg.batch_size), max_new)
     values = out["values"]
     samples = [{"prompt": q, "response": r, "answer": a, "verdict": v == 1.0, "extracted": x}
                for q, r, a, v, x in zip(questions, out["responses"], answers, values, out["extracted"])]
@@ -170,7 +241,7 @@ def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answe
         name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=out["measured_by"],
         samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in out["responses"]), max_new_tokens=max_new,
+        n_empty=sum(not r.strip() for r in out["responses"]), max_new_tokens=max_new, values=values,
     )
 
 
@@ -210,7 +281,7 @@ def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
         name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
         ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
         samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new,
+        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new, values=values,
     )
 
 
@@ -266,5 +337,9 @@ def run_retention_check(
         evals.append(_judged_set("over_refusal", benign, model, tokenizer, cfg, judge, seed, keep_samples,
                                  progress, gen))
         for name, task, examples in task_examples:
-            evals.append(_task_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples, progress, gen))
+            if task.metric != "nll":
+                evals.append(_task_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples, progress,
+                                       gen))
+            if task.metric == "nll" or wants_nll(task, examples):
+                evals.append(_nll_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples))
     return CheckResult(evals=evals, seconds=time.perf_counter() - start, seed=seed)

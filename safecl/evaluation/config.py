@@ -94,16 +94,24 @@ class TaskEvalConfig(DataConfig):
 
     split: str = "test"
     limit: PositiveInt | None = 32
-    metric: Literal["exact_match", "label_accuracy", "pass_at_k", "harness"] = Field(
+    metric: Literal["exact_match", "label_accuracy", "choice", "pass_at_k", "harness", "nll"] = Field(
         "exact_match",
         description="exact_match: last number in the response equals the answer; "
         "label_accuracy: first label word in the response equals the answer; "
+        "choice: multiple choice by log-likelihood of each label's response, no generation (the harness's acc); "
         "pass_at_k: the generated code passes the task's tests (greedy pass@1; needs allow_code_execution); "
-        "harness: lm-evaluation-harness scores it with the template named by `harness` (safecl.evaluation.harness).",
+        "harness: lm-evaluation-harness scores it with the template named by `harness` (safecl.evaluation.harness); "
+        "nll: only the gold-answer NLL (column nll:<task>, lower is better).",
     )
-    harness: Literal["gsm8k"] | None = Field(
-        None, description="metric harness: the harness task template run over this eval's examples (local, offline).")
-    labels: list[str] | None = Field(None, description="label_accuracy: the label words (default: the answers seen).")
+    harness: Literal["gsm8k", "boolq", "arc_easy"] | None = Field(
+        None, description="metric harness: the harness task template run over this eval's examples (local, offline); "
+        "boolq / arc_easy: multiple choice by log-likelihood (acc) over the labels.")
+    gold_nll: bool | None = Field(
+        None, description="Also score the gold-answer NLL (column nll:<task>: mean NLL per gold-response token, "
+        "teacher-forced, one forward pass, no generation). Default: when every eval row has a gold response.")
+    nll_max_len: PositiveInt = Field(1024, description="gold_nll: tokens per scored sequence (prompt + response).")
+    labels: list[str] | None = Field(None, description="label_accuracy / choice: the label words (default: the "
+                                     "preset's, else the answers seen).")
     max_new_tokens: PositiveInt | None = Field(None, description="Override retention.max_new_tokens for this task.")
     allow_code_execution: bool = Field(
         False, description="pass_at_k: run the generated code (each sample in its own sandboxed process, see "
@@ -133,7 +141,8 @@ class TaskEvalConfig(DataConfig):
             raise ValueError(f"preset {preset.name!r} has no gold answers, so it cannot score a task; "
                              "use it as stage data only")
         data.setdefault("metric", preset.metric)
-        if data["metric"] == "label_accuracy" and data.get("labels") is None and preset.labels:
+        label_based = data["metric"] in ("label_accuracy", "choice") or data.get("harness") in ("boolq", "arc_easy")
+        if label_based and data.get("labels") is None and preset.labels:
             data["labels"] = list(preset.labels)
         return super().preset_defaults(preset, data)
 
@@ -167,6 +176,10 @@ class RetentionConfig(Section):
         "cannot change; stored responses are then cut there.",
     )
     check_base: bool = Field(True, description="Also check the base model before any stage (row 0).")
+    score_all_tasks: bool = Field(
+        True, description="Score every task of the recipe at every check (the base model and before each task's "
+        "own stage too), so each stage's gain and forward transfer are measured; false: only the tasks seen so far "
+        "(cheaper checks).")
     probe: ProbeConfig | None = Field(
         None, description="Watch probe retention during task stages (needs `refusal_direction`); see gate.watch."
     )

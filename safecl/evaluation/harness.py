@@ -15,6 +15,13 @@ Templates (``harness: NAME``):
   numerically) except where string and number differ: "18.0" for 18 or "2.50" for 2.5 is right
   for safecl, wrong for the harness (tested in tests/test_harness.py).
 
+- ``boolq``, ``arc_easy``: ``multiple_choice`` as the harness runs its own BoolQ and ARC-Easy
+  tasks: the prediction is the choice of highest summed log-likelihood given the context
+  (metric ``acc``). Each document is ``question`` (the user turn), ``choices`` (the gold response
+  with each offered label swapped in) and ``gold`` (the gold choice's index), built by
+  :func:`safecl.evaluation.likelihood.choice_requests`, so the harness scores exactly what
+  safecl's own ``metric: choice`` scores (their agreement is tested).
+
 The built-in scorers stay the light default: the harness adds ~6 s of import and its own
 generation loop, which has no early stop.
 """
@@ -58,7 +65,25 @@ metric_list:
     regexes_to_ignore: [",", "\\\\$", "\\\\.$"]
 """,
 }
-METRIC = {"gsm8k": "exact_match,last-number"}
+_CHOICE = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+CHOICE_TEMPLATES = ("boolq", "arc_easy")
+TEMPLATES.update({name: _CHOICE for name in CHOICE_TEMPLATES})
+METRIC = {"gsm8k": "exact_match,last-number", "boolq": "acc,none", "arc_easy": "acc,none"}
 
 
 def _lm_eval():
@@ -78,11 +103,12 @@ def harness_lm(model, tokenizer, batch_size: int):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_harness(template: str, questions: list[str], answers: list[str], lm, max_new_tokens: int,
-                chat_template: bool = True) -> dict:
-    """Score ``questions`` / ``answers`` with the harness template on ``lm`` (an lm_eval LM).
+def run_harness(template: str, docs: list[dict], lm, max_new_tokens: int, chat_template: bool = True) -> dict:
+    """Score ``docs`` with the harness template on ``lm`` (an lm_eval LM). A doc is
+    {"question", "answer"} (gsm8k) or {"question", "choices", "gold"} (boolq, arc_easy).
 
-    Returns {"values": [1.0/0.0 per question], "responses", "extracted", "seconds", "measured_by"}.
+    Returns {"values": [1.0/0.0 per doc], "responses", "extracted", "seconds", "measured_by"};
+    for a multiple-choice template the response is the picked choice and ``extracted`` its index.
     """
     if template not in TEMPLATES:
         raise DataError(f"unknown harness template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
@@ -91,8 +117,7 @@ def run_harness(template: str, questions: list[str], answers: list[str], lm, max
     task = f"safecl_{template}"
     with tempfile.TemporaryDirectory(prefix="safecl-harness-") as tmp:
         data = Path(tmp) / "data.jsonl"
-        data.write_text("".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n"
-                                for q, a in zip(questions, answers)), encoding="utf-8")
+        data.write_text("".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs), encoding="utf-8")
         config = TEMPLATES[template].format(task=task, data=data, max_new_tokens=max_new_tokens)
         (Path(tmp) / f"{task}.yaml").write_text(config, encoding="utf-8")
         tasks = TaskManager(include_path=tmp, include_defaults=False)  # the harness's own index takes ~40 s
@@ -101,10 +126,17 @@ def run_harness(template: str, questions: list[str], answers: list[str], lm, max
     samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
     metric = METRIC[template].split(",")[0]
     values = [float(s[metric]) for s in samples]
+    if template in CHOICE_TEMPLATES:
+        picked = [max(range(len(s["filtered_resps"])), key=lambda k, s=s: s["filtered_resps"][k][0]) for s in samples]
+        responses = [doc["choices"][k] for doc, k in zip(docs, picked)]
+        extracted: list = picked
+    else:
+        responses = [s["resps"][0][0] for s in samples]
+        extracted = [s["filtered_resps"][0] for s in samples]
     return {
         "values": values,
-        "responses": [s["resps"][0][0] for s in samples],
-        "extracted": [s["filtered_resps"][0] for s in samples],
+        "responses": responses,
+        "extracted": extracted,
         "seconds": time.perf_counter() - start,
         "measured_by": {"kind": "metric", "metric": "harness", "backend": "lm-evaluation-harness",
                         "version": getattr(lm_eval, "__version__", "unknown"), "template": template,

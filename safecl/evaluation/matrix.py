@@ -23,6 +23,23 @@ The *own row* of a column is the stage that trains it: ``task:<name>`` -> stage 
 - refusal drop(t) = R[safety, refusal] - R[t, refusal].
 - average final performance = mean over task columns of R[T, j] (None cells skipped).
 
+Learning, per task column j (GEM, Lopez-Paz & Ranzato 2017, with the base model as b_j; all
+need the task scored on the base model and before its own stage, ``retention.score_all_tasks``):
+
+- p(j) = the last row before o(j) that is not rolled back (the model just before the stage);
+- gain(j) = R[o(j), j] - R[p(j), j], what the stage learned of its own task (plasticity);
+- forward transfer FWT(j) = R[p(j), j] - R[base, j], what the earlier stages taught of it,
+  defined when p(j) is not the base row; FWT = mean over those j;
+- for a lower-is-better column (``nll:<task>``, the gold-answer NLL) each difference is taken
+  the other way round (before - after), so a positive gain is always learning.
+
+Intervals: when rows carry per-item ``values`` (every check's items, in the same order at
+every row), each difference gets a 95% paired bootstrap interval (items resampled, the same
+draw at both rows; seed 0, 1000 resamples); a mean over tasks resamples each task's items.
+
+Columns ``nll:<task>`` hold a mean negative log-likelihood (>= 0, lower is better); every
+other cell is a share in [0, 1].
+
 Rows marked ``rolled_back`` (the trainer restored the previous weights after the gate
 fired) stay in the file as the record of what happened but are skipped as T and as the
 earlier rows t of forgetting, and a task whose own row was rolled back is left out of BWT.
@@ -43,7 +60,28 @@ from safecl.errors import DataError
 BASE = "base"
 FILENAME = "retention.json"
 TASK_PREFIX = "task:"
+NLL_PREFIX = "nll:"
 _VERSION = 1
+
+
+def lower_is_better(column: str) -> bool:
+    return column == "over_refusal" or column.startswith(NLL_PREFIX)
+
+
+def paired_ci(pairs: list[tuple[list[float], list[float]]], samples: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of mean_k mean_i (after_k[i] - before_k[i]) over tasks k, each
+    task's items resampled with the same draw for both rows. None when any pair is unusable."""
+    import numpy as np
+
+    if not pairs or any(not a or len(a) != len(b) for a, b in pairs):
+        return None
+    rng = np.random.default_rng(seed)
+    total = np.zeros(samples)
+    for after, before in pairs:
+        diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+        total += diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(total / len(pairs), [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -58,11 +96,14 @@ class RetentionMatrix:
         self.rows: list[dict] = []  # {"stage": str, "scores": {column: float | None}, "rolled_back": bool}
 
     # ----- building -------------------------------------------------------------------------
-    def add_row(self, stage_name: str, scores: dict[str, float | None], *, replace: bool = False) -> None:
+    def add_row(self, stage_name: str, scores: dict[str, float | None], *, replace: bool = False,
+                values: dict[str, list[float]] | None = None) -> None:
         """Append the row of ``stage_name`` (or overwrite it in place with ``replace=True``).
+        ``values``: per-item values of some columns (their mean is the score), for intervals.
 
         Raises:
-            ValueError: duplicate stage without ``replace``, a score outside [0, 1] or NaN.
+            ValueError: duplicate stage without ``replace``, a score outside [0, 1] (or a
+            negative NLL) or NaN.
         """
         if not isinstance(stage_name, str) or not stage_name:
             raise ValueError(f"stage name must be a non-empty string, got {stage_name!r}")
@@ -70,10 +111,14 @@ class RetentionMatrix:
         for column, value in scores.items():
             if value is not None:
                 value = float(value)
-                if math.isnan(value) or not 0.0 <= value <= 1.0:
-                    raise ValueError(f"stage {stage_name!r}, column {column!r}: score {value} is not in [0, 1]")
+                nll = str(column).startswith(NLL_PREFIX)
+                if math.isnan(value) or value < 0.0 or (not nll and value > 1.0) or math.isinf(value):
+                    raise ValueError(f"stage {stage_name!r}, column {column!r}: score {value} is not "
+                                     + ("a finite NLL >= 0" if nll else "in [0, 1]"))
             clean[str(column)] = value
         row = {"stage": stage_name, "scores": clean, "rolled_back": False}
+        if values:
+            row["values"] = {str(c): [float(v) for v in vs] for c, vs in values.items() if c in clean}
         if stage_name in self.stages:
             if not replace:
                 raise ValueError(f"stage {stage_name!r} already has a row (use replace=True to overwrite)")
@@ -102,6 +147,11 @@ class RetentionMatrix:
         return [c for c in self.columns if c.startswith(TASK_PREFIX)]
 
     @property
+    def learning_columns(self) -> list[str]:
+        """Columns a task stage learns: ``task:<name>`` and ``nll:<name>``."""
+        return [c for c in self.columns if c.startswith((TASK_PREFIX, NLL_PREFIX))]
+
+    @property
     def safety_stage(self) -> str | None:
         if self.safety_stage_name is not None:
             return self.safety_stage_name
@@ -123,8 +173,9 @@ class RetentionMatrix:
     def own_stage(self, column: str) -> str | None:
         if column == "refusal":
             return self.safety_stage
-        if column.startswith(TASK_PREFIX):
-            return column[len(TASK_PREFIX):]
+        for prefix in (TASK_PREFIX, NLL_PREFIX):
+            if column.startswith(prefix):
+                return column[len(prefix):]
         return None
 
     # ----- safety ---------------------------------------------------------------------------
@@ -191,6 +242,64 @@ class RetentionMatrix:
         now, ref = self.rows[t]["scores"].get("over_refusal"), self.get(safety, "over_refusal")
         return None if now is None or ref is None else now - ref
 
+    # ----- learning: gain and forward transfer -------------------------------------------------
+    def _values(self, row: int, column: str) -> list[float] | None:
+        return self.rows[row].get("values", {}).get(column)
+
+    def _diff(self, column: str, after: int, before: int) -> tuple[float | None, tuple | None]:
+        """(R[after] - R[before], or before - after for a lower-is-better column; the value pair)."""
+        a, b = self.rows[after]["scores"].get(column), self.rows[before]["scores"].get(column)
+        if a is None or b is None:
+            return None, None
+        va, vb = self._values(after, column), self._values(before, column)
+        flip = lower_is_better(column)
+        pair = None if va is None or vb is None else ((vb, va) if flip else (va, vb))
+        return (b - a if flip else a - b), pair
+
+    def _before(self, index: int) -> int | None:
+        return next((i for i in range(index - 1, -1, -1) if not self.rows[i]["rolled_back"]), None)
+
+    def learning(self) -> dict[str, dict]:
+        """Per learning column: base, before its stage, after its stage, final, gain, forward
+        transfer and backward transfer (final - after own), each difference with its interval."""
+        out: dict[str, dict] = {}
+        final = self._final(None)
+        base = self.stages.index(BASE) if BASE in self.stages else None
+        for column in self.learning_columns:
+            own = self.own_stage(column)
+            if own not in self.stages:
+                continue
+            o = self._index(own)
+            p = self._before(o)
+            entry = {"own_stage": own, "lower_is_better": lower_is_better(column),
+                     "base": self.rows[base]["scores"].get(column) if base is not None else None,
+                     "before": self.rows[p]["scores"].get(column) if p is not None else None,
+                     "after": self.rows[o]["scores"].get(column),
+                     "final": self.rows[final]["scores"].get(column) if final is not None else None}
+            for key, (a, b) in {"gain": (o, p), "fwt": (p, base), "bwt": (final, o)}.items():
+                usable = a is not None and b is not None and a != b and not self.rows[o]["rolled_back"]
+                if key == "fwt":
+                    usable = usable and p != base
+                if key == "bwt":
+                    usable = usable and o < a
+                value, pair = self._diff(column, a, b) if usable else (None, None)
+                entry[key] = value
+                entry[f"{key}_ci"] = paired_ci([pair]) if pair is not None else None
+                entry[f"_{key}_pair"] = pair
+            out[column] = entry
+        return out
+
+    def transfer_means(self, prefix: str = TASK_PREFIX) -> dict[str, float | None | list]:
+        """Mean gain, FWT and BWT over the columns with ``prefix``, with intervals."""
+        learning = {c: e for c, e in self.learning().items() if c.startswith(prefix)}
+        out: dict = {}
+        for key in ("gain", "fwt", "bwt"):
+            got = [e for e in learning.values() if e[key] is not None]
+            out[key] = _mean([e[key] for e in got])
+            pairs = [e[f"_{key}_pair"] for e in got]
+            out[f"{key}_ci"] = paired_ci(pairs) if got and all(x is not None for x in pairs) else None
+        return out
+
     def summary(self) -> dict:
         """The computed metrics at the final row (written into retention.json for readers)."""
         return {
@@ -202,6 +311,8 @@ class RetentionMatrix:
             "over_refusal_change": self.over_refusal_change(),
             "safety_retention": {s: self.safety_retention(s) for s in self.stages},
             "refusal_drop": {s: self.refusal_drop(s) for s in self.stages},
+            "learning": {c: {k: v for k, v in e.items() if not k.startswith("_")} for c, e in self.learning().items()},
+            "transfer": {"task": self.transfer_means(TASK_PREFIX), "nll": self.transfer_means(NLL_PREFIX)},
         }
 
     # ----- persistence ----------------------------------------------------------------------
@@ -219,7 +330,7 @@ class RetentionMatrix:
         matrix = cls(safety_stage=data.get("safety_stage"))
         for i, row in enumerate(data["rows"]):
             try:
-                matrix.add_row(row["stage"], row["scores"])
+                matrix.add_row(row["stage"], row["scores"], values=row.get("values"))
                 matrix.rows[-1]["rolled_back"] = bool(row.get("rolled_back", False))
             except (KeyError, TypeError, ValueError) as err:
                 raise DataError(f"{origin}: row {i} is malformed: {err}") from err

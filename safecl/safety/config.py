@@ -51,6 +51,15 @@ class AnchorConfig(Section):
     weight: PositiveFloat = 1.0
     tokens: PositiveInt = Field(16, description="kl: response tokens per anchor where the KL is taken.")
     batch_size: PositiveInt = Field(4, description="Anchor prompts per optimizer step.")
+    every: PositiveInt = Field(
+        1, description="kl: take the anchor term every N optimizer steps, weighted N times (the same total "
+        "weight over the stage for 1/N of the cost; measured for retention in benchmarks/safety_study.py)."
+    )
+    cache_mb: NonNegativeFloat | None = Field(
+        1024, description="kl: memory budget of the teacher cache (the teacher's log-probabilities at every "
+        "anchor's labelled positions, computed once per stage: anchors x tokens x vocabulary x 4 bytes). Above it "
+        "the teacher is recomputed every step (said in the log); 0 = never cache, null = always."
+    )
 
 
 class DirectionConfig(Section):

@@ -7,8 +7,8 @@ global-norm clipping over all trainable tensors. The data order is a seeded perm
 epoch; each process takes every ``num_processes``-th example of a micro-batch.
 
 Extra loss terms (safety anchors, replay distillation) are handed in as callables
-``term(model, step) -> scalar tensor`` (already weighted); each is evaluated once per
-optimizer step and its gradient is added to the task gradient:
+``term(model, step) -> scalar tensor or None`` (already weighted; None: the term skips this
+step); each is evaluated once per optimizer step and its gradient is added to the task gradient:
 ``loss_step = CE_response / n_tokens + sum_k term_k``. The loop knows nothing of what a term
 means; it records each term's values and its seconds (the term's cost per step).
 
@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from safecl.data.formatting import IGNORE, Encoded, collate
 from safecl.errors import TrainingError
 from safecl.faults import fault_point
+from safecl.logits import labelled_logits, labelled_targets
 from safecl.recipe.schema import TrainSettings
 from safecl.training.sharding import average_gradients, is_sharded
 
@@ -52,7 +53,9 @@ class LoopResult:
         tail = self.losses[-10:]
         terms = {name: {"mean": sum(v) / len(v) if v else None, "last": v[-1] if v else None,
                         "seconds": round(self.term_seconds.get(name, 0.0), 3),
-                        "seconds_per_step": self.term_seconds.get(name, 0.0) / len(v) if v else None,
+                        # per optimizer step of the stage (a term taken every N steps costs 1/N of a call)
+                        "seconds_per_step": self.term_seconds.get(name, 0.0) / self.steps if self.steps else None,
+                        "calls": len(v),
                         "share_of_stage_time": self.term_seconds.get(name, 0.0) / self.seconds if self.seconds else None,
                         "values": v}
                  for name, v in self.term_values.items()}
@@ -88,13 +91,11 @@ def micro_batches(data: list[Encoded], batch_size: int, seed: int, rank: int = 0
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token CE over response tokens, number of those tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((shift_labels != IGNORE).sum())
+    """(sum of next-token CE over response tokens, number of those tokens). The output layer
+    runs at the response positions only (safecl.logits)."""
+    targets = labelled_targets(batch["labels"])
+    loss = F.cross_entropy(labelled_logits(model, batch).float(), targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], settings: TrainSettings, steps: int,
@@ -154,9 +155,11 @@ def run_loop(model, params: list[torch.nn.Parameter], data: list[Encoded], setti
             t0 = time.perf_counter()
             with accelerator.no_sync(wrapped) if data_parallel else nullcontext():
                 value = term(wrapped, step)
-                accelerator.backward(value)
-            result.term_values.setdefault(term.name, []).append(_global_sum(float(value.detach()), accelerator)
-                                                                / accelerator.num_processes)
+                if value is not None:  # a term may skip a step (the same steps on every rank)
+                    accelerator.backward(value)
+            if value is not None:
+                result.term_values.setdefault(term.name, []).append(_global_sum(float(value.detach()), accelerator)
+                                                                    / accelerator.num_processes)
             result.term_seconds[term.name] = result.term_seconds.get(term.name, 0.0) + time.perf_counter() - t0
         for j, batch in enumerate(group):
             sync = j == len(group) - 1

@@ -75,7 +75,7 @@ def teacher_anchors(ctx, index: int, base_dir: Path, tokens: int) -> tuple[list,
                      "teacher_seconds": round(time.perf_counter() - start, 3)}
 
 
-def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) -> tuple[list, dict | None]:
+def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict, echo=None) -> tuple[list, dict | None]:
     """(loss terms for the loop, safety sensitivity for safety-aware allocation or None)."""
     recipe, stage = ctx.recipe, ctx.recipe.stages[index]
     pad = ctx.tokenizer.pad_token_id
@@ -88,7 +88,8 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) 
         anchors, info["anchor"] = teacher_anchors(ctx, index, base_dir, tokens)
     if stage.anchor is not None and stage.anchor.loss == "kl":
         a = stage.anchor
-        terms.append(KLAnchor("anchor_kl", ctx.layers, anchors, a.weight, a.batch_size, pad, seed))
+        terms.append(KLAnchor("anchor_kl", ctx.layers, anchors, a.weight, a.batch_size, pad, seed, a.cache_mb, echo,
+                              a.every))
     elif stage.anchor is not None:
         a = stage.anchor
         direction = load_direction(stage_dir(ctx.out, 0, recipe.stages[0].name) / DIRECTION_FILE)
@@ -101,7 +102,8 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) 
         rows = [ex for ex in examples if ex.meta.get("replay")]
         encoded = [e for e in (encode_anchor(ctx.tokenizer, ex.prompt_messages, ex.response, r.distill_tokens)
                                for ex in rows) if e is not None]
-        terms.append(KLAnchor("replay_distill", ctx.layers, encoded, r.distill, r.distill_batch_size, pad, seed + 1))
+        terms.append(KLAnchor("replay_distill", ctx.layers, encoded, r.distill, r.distill_batch_size, pad, seed + 1,
+                              1024, echo))
         info["replay_distill"] = {"rows": len(encoded), "tokens": r.distill_tokens, "weight": r.distill}
     if need_sens:
         start = time.perf_counter()
@@ -112,6 +114,18 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict) 
     if info:
         metrics["mechanisms"] = {**metrics.get("mechanisms", {}), **info}
     return terms, sensitivity
+
+
+_TEACHER_OF = {"anchor_kl": "anchor", "replay_distill": "replay_distill"}
+
+
+def record_teachers(terms: list, metrics: dict) -> None:
+    """After the stage: how each KL term got its teacher (cached or recomputed, MB, seconds), as
+    ``teacher_cache`` of its mechanism's entry."""
+    for term in terms:
+        if getattr(term, "info", None) and term.name in _TEACHER_OF:
+            entry = metrics.setdefault("mechanisms", {}).setdefault(_TEACHER_OF[term.name], {})
+            entry["teacher_cache"] = dict(term.info)
 
 
 def compute_direction(ctx, base_dir: Path, sdir: Path) -> dict | None:

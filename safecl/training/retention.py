@@ -1,7 +1,8 @@
 """The retention check and gate wired into the stage sequence.
 
 After the base model (row ``base``) and after every stage, the tracker runs the check on the
-model as it is, adds the row to the R matrix, saves ``retention.json`` and asks the gate.
+model as it is (every task of the recipe with ``retention.score_all_tasks``, else the tasks of
+the stages run so far), adds the row to the R matrix, saves ``retention.json`` and asks the gate.
 Acting on the gate (rollback, halt) is the runner's job; this only measures and decides.
 
 With several processes, every rank generates for its share of the prompts (every
@@ -83,7 +84,8 @@ class RetentionTracker:
         return self._task_examples[key]
 
     def _check(self, upto: int, label: str):
-        tasks = [(s.name, s.eval) for s in self.recipe.stages[: upto + 1] if s.eval is not None]
+        stages = self.recipe.stages if self.recipe.retention.score_all_tasks else self.recipe.stages[: upto + 1]
+        tasks = [(s.name, s.eval) for s in stages if s.eval is not None]
         result = run_retention_check(self.model, self.tokenizer, self.recipe.retention, tasks, self.base_dir,
                                      self.recipe.seed, self._load_task, judge=self._judge, keep_samples=None,
                                      generate_fn=self._generate, progress=None if self.main else False)
@@ -96,7 +98,7 @@ class RetentionTracker:
     def check_base(self) -> dict[str, float]:
         """Check the untrained model (row ``base``); returns its scores."""
         result = self._check(-1, "base model")
-        self.matrix.add_row(BASE, result.scores())
+        self.matrix.add_row(BASE, result.scores(), values=result.values())
         if self.main:
             self.matrix.save(self.out / FILENAME)
             write_json(self.out / "base_check.json", result.to_dict(keep=SAMPLES))
@@ -113,7 +115,7 @@ class RetentionTracker:
         stage = self.recipe.stages[index]
         name = row or stage.name
         result = self._check(index, f"stage '{name}'")
-        self.matrix.add_row(name, result.scores())
+        self.matrix.add_row(name, result.scores(), values=result.values())
         if self.main:
             self.matrix.save(self.out / FILENAME)
         decision = decide(self.matrix, self.recipe.gate, name)

@@ -37,7 +37,7 @@ from safecl.training.adopt import adopt_stages, write_adopted
 from safecl.training.sharding import fsdp_requested, local_share, refuse_deepspeed, shard_base
 from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_monitor, build_terms,
                                         check_sources, compute_direction, compute_probe_reference,
-                                        probe_reference_outdated, record_probe)
+                                        probe_reference_outdated, record_probe, record_teachers)
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, forget_stages, load_stage_adapter, readable_checkpoint
 from safecl.training.repair import repair
@@ -226,10 +226,11 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
             metrics["mechanisms"] = {"replay": {**replay, "distill": stage.replay.distill}}
         mlflow.start_stage(plan.index, stage.name, {"kind": stage.kind, "method": a.method, "steps": plan.steps,
                                                     "examples": plan.examples, **settings.model_dump()})
-        terms, sensitivity = build_terms(ctx, plan.index, examples, base_dir, metrics)
+        terms, sensitivity = build_terms(ctx, plan.index, examples, base_dir, metrics, echo)
         monitor = build_monitor(ctx, plan.index, base_dir)
         mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity,
                            monitors=[monitor] if monitor else None)
+        record_teachers(terms, metrics)
         watched = record_probe(monitor, metrics, echo)
         safety_B = after_training(ctx, plan.index, before, safety_B, base_dir, sdir, metrics, echo)
         save_stage = _stage_writer(main, layers, recipe, sdir, stage, plan)
