@@ -16,11 +16,13 @@ rounds after ``--warmup``:
   density: the count, not the choice, sets the cost);
 - ``lori-s+kl``: lori-s plus the KL refusal anchor as the recipe sets it (64 anchors of the
   safety stage's prompts, 16 answer tokens, 4 per step) with the teacher cache;
+- ``lori-s+kl-every4``: the same, taken every 4th step with weight x4 (``anchor.every: 4``);
 - ``lori-s+kl-recomputed``: the same anchor with the teacher recomputed every step
   (``anchor.cache_mb: 0``);
 - ``lori-s+kl-before``: the anchor as it was before the cache (teacher and student logits over
   every position of the batch, teacher recomputed every step).
 
+The teacher cache is built once before the rounds (its time is printed, not in the steps).
 Every step is as the loop runs it: the anchor term's forward and backward, the task loss
 (output layer at the response positions only), clipping, AdamW. Printed: each median step
 and its ratio to the floor, the anchor's extra time over a lori-s step, and the teacher
@@ -57,7 +59,8 @@ from safecl.training.loop import response_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-saferpaca-gsm8k.yaml"
-CONFIGS = ("floor", "peft-lora", "lora", "lori-d", "lori-s", "lori-s+kl", "lori-s+kl-recomputed", "lori-s+kl-before")
+CONFIGS = ("floor", "peft-lora", "lora", "lori-d", "lori-s", "lori-s+kl", "lori-s+kl-every4", "lori-s+kl-recomputed",
+           "lori-s+kl-before")
 
 
 def parse_args(argv=None):
@@ -137,7 +140,8 @@ def setup(name: str, base, recipe, anchors, pad: int, seed: int) -> dict:
         cls = OldKLAnchor if name.endswith("before") else KLAnchor
         cache = 0 if name.endswith(("recomputed", "before")) else anchor.cache_mb
         terms.append(cls("anchor_kl", model._bench_layers, anchors, anchor.weight, anchor.batch_size, pad, seed + 3,
-                         cache_mb=cache))
+                         cache_mb=cache, every=4 if name.endswith("every4") else 1))
+        terms[-1]._decide(model)  # the once-per-stage cache is built here, outside the timed steps (reported)
     model.train()
     return {"model": model, "params": params, "opt": torch.optim.AdamW(params, lr=1e-4), "terms": terms}
 
@@ -151,7 +155,9 @@ def step(s: dict, batch: dict, index: int) -> tuple[float, float]:
     term_s = 0.0
     for term in s["terms"]:
         t1 = time.perf_counter()
-        term(s["model"], index).backward()
+        value = term(s["model"], index)
+        if value is not None:  # every N: skipped steps cost nothing
+            value.backward()
         term_s += time.perf_counter() - t1
     loss_sum, n = response_loss(s["model"], batch)
     (loss_sum / max(1, n)).backward()
@@ -218,7 +224,8 @@ def main(argv=None) -> int:
         res["configs"][n] = c
     for n in args.configs:
         if n.startswith("lori-s+kl") and "lori-s" in med:
-            extra = statistics.median(t - b for t, b in zip(times[n], times["lori-s"]))
+            # mean, not median, of the paired differences: a term taken every 4th step costs its mean
+            extra = statistics.mean(t - b for t, b in zip(times[n], times["lori-s"]))
             res["configs"][n]["anchor_extra_s"] = extra
             res["configs"][n]["anchor_extra_vs_lori_s"] = extra / med["lori-s"]
     cached = setups.get("lori-s+kl")
