@@ -95,6 +95,14 @@ class CheckResult:
         return {"seconds": self.seconds, "seed": self.seed, "evals": [r.to_dict(keep) for r in self.evals]}
 
 
+def _result(name: str, values: list[float], measured_by: dict, samples: list[dict], cfg: RetentionConfig, seed,
+            keep, start: float, **extra) -> EvalResult:
+    """The EvalResult of a set scored item by item: score = mean of ``values``, its bootstrap interval."""
+    return EvalResult(name=name, score=sum(values) / len(values), n=len(values),
+                      ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured_by,
+                      samples=_keep(samples, keep), seconds=time.perf_counter() - start, values=values, **extra)
+
+
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -117,12 +125,8 @@ def _judged_set(name, prompts, model, tokenizer, cfg: RetentionConfig, judge: Ju
     values = [1.0 if v.refusal else 0.0 for v in verdicts]
     samples = [{"prompt": p, "response": r, "verdict": v.refusal, "matched": v.matched, "empty": v.empty}
                for p, r, v in zip(prompts, responses, verdicts)]
-    return EvalResult(
-        name=name, score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=judge.describe(),
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(v.empty for v in verdicts), max_new_tokens=cfg.max_new_tokens, values=values,
-    )
+    return _result(name, values, judge.describe(), samples, cfg, seed, keep, start,
+                   n_empty=sum(v.empty for v in verdicts), max_new_tokens=cfg.max_new_tokens)
 
 
 def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer,
@@ -161,12 +165,8 @@ def _task_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
     values = [1.0 if c else 0.0 for c in correct]
     samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": r, "answer": a, "verdict": c}
                for ex, r, a, c in zip(examples, responses, answers, correct)]
-    return EvalResult(
-        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new, values=values,
-    )
+    return _result(f"task:{task_name}", values, measured, samples, cfg, seed, keep, start,
+                   n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new)
 
 
 def _task_labels(task: TaskEvalConfig, examples: list[Example]) -> list[str]:
@@ -187,11 +187,7 @@ def _choice_set(task_name, task: TaskEvalConfig, examples: list[Example], model,
     measured = {"kind": "metric", "metric": "choice", "labels": labels,
                 "rule": "argmax over the offered labels of the summed log-likelihood of the gold response with "
                         "the label swapped in, after the chat template (lm-evaluation-harness acc)"}
-    return EvalResult(
-        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start, values=values,
-    )
+    return _result(f"task:{task_name}", values, measured, samples, cfg, seed, keep, start)
 
 
 def _nll_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
@@ -206,11 +202,7 @@ def _nll_set(task_name, task: TaskEvalConfig, examples: list[Example], model, to
     measured = {"kind": "metric", "metric": "gold_nll", "max_len": task.nll_max_len,
                 "rule": "mean over examples of the mean NLL per gold-response token (teacher-forced, response "
                         "tokens only, the chat template as trained); lower is better"}
-    return EvalResult(
-        name=f"nll:{task_name}", score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start, values=values,
-    )
+    return _result(f"nll:{task_name}", values, measured, samples, cfg, seed, keep, start)
 
 
 def wants_nll(task: TaskEvalConfig, examples: list[Example]) -> bool:
@@ -237,12 +229,8 @@ def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answe
     values = out["values"]
     samples = [{"prompt": q, "response": r, "answer": a, "verdict": v == 1.0, "extracted": x}
                for q, r, a, v, x in zip(questions, out["responses"], answers, values, out["extracted"])]
-    return EvalResult(
-        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=out["measured_by"],
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in out["responses"]), max_new_tokens=max_new, values=values,
-    )
+    return _result(f"task:{task_name}", values, out["measured_by"], samples, cfg, seed, keep, start,
+                   n_empty=sum(not r.strip() for r in out["responses"]), max_new_tokens=max_new)
 
 
 def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
@@ -277,12 +265,8 @@ def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
                         "tests exits 0 after check(entry_point)",
                 "sandbox": {"process": "one per sample", "timeout_s": task.timeout, "memory_mb": limits.memory_mb,
                             "network": "off (unshare -n)" if network_isolated() else "on (unshare -n not allowed)"}}
-    return EvalResult(
-        name=f"task:{task_name}", score=sum(values) / len(values), n=len(values),
-        ci=bootstrap_ci(values, cfg.bootstrap_samples, seed), measured_by=measured,
-        samples=_keep(samples, keep), seconds=time.perf_counter() - start,
-        n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new, values=values,
-    )
+    return _result(f"task:{task_name}", values, measured, samples, cfg, seed, keep, start,
+                   n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new)
 
 
 def run_retention_check(
