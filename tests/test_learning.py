@@ -185,3 +185,40 @@ def test_choice_scores_agree_with_the_harness_on_the_same_model(model, tok):
     theirs = run_harness("arc_easy", docs, harness_lm(model, tok, 4), max_new_tokens=4)
     assert theirs["values"] == ours["values"]
     assert theirs["extracted"] == ours["picked"]
+
+
+def test_skip_with_the_same_seed_holds_out_what_limit_trains_on(tmp_path):
+    from safecl.data.config import DataConfig
+    from safecl.data.sources import load_examples
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50)])
+    train, _ = load_examples(DataConfig(source=str(path), shuffle=True, seed=7, limit=20), seed=1)
+    held, _ = load_examples(DataConfig(source=str(path), shuffle=True, seed=7, skip=20, limit=30), seed=99)
+    assert len(train) == 20 and len(held) == 30
+    assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held}
+    with pytest.raises(DataError, match="skip: 50 leaves no row"):
+        load_examples(DataConfig(source=str(path), skip=50))
+
+
+def test_nll_data_scores_the_nll_on_other_rows_than_the_eval(model, tok, tmp_path):
+    """A task whose eval has no gold responses (HumanEval-like) gets its nll:<task> column from
+    ``nll_data``, equal to gold_nll on those rows."""
+    from safecl.data.sources import load_examples
+    from safecl.evaluation.check import run_retention_check
+    from safecl.evaluation.config import RetentionConfig, TaskEvalConfig
+    from tests.conftest import write_jsonl
+
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": f"What is {i}+{i}?", "answer": str(2 * i)}
+                                                   for i in range(4)])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} it is."}
+                                                  for i in range(6)])
+    task = TaskEvalConfig(source=str(evals), limit=4, max_new_tokens=4,
+                          nll_data={"source": str(gold), "limit": 5})
+    cfg = RetentionConfig(harmful={"source": "builtin:harmful-eval", "limit": 2},
+                          benign={"source": "builtin:benign-eval", "limit": 2}, max_new_tokens=4)
+    load = lambda c: load_examples(c, None, need_response=False)[0]  # noqa: E731
+    result = run_retention_check(model, tok, cfg, [("sums", task)], None, 0, load)
+    assert [e.name for e in result.evals] == ["refusal", "over_refusal", "task:sums", "nll:sums"]
+    nll = result["nll:sums"]
+    assert nll.n == 5 and nll.values == pytest.approx(gold_nll(model, tok, load(task.nll_data)), abs=1e-6)

@@ -2,7 +2,7 @@
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from safecl.config import Section
 from safecl.data.presets import (DATA_PRESET_NAMES, DATA_PRESETS, SAFERPACA_SAFETY_ROWS, fill_hub_source,
@@ -67,6 +67,10 @@ class DataConfig(PresetSection):
     system_prompt: str | None = Field(None, description="System message put before every example.")
     limit: PositiveInt | None = Field(None, description="Use only the first N records (after shuffling).")
     shuffle: bool = Field(False, description="Shuffle with the recipe seed before taking `limit`.")
+    skip: NonNegativeInt = Field(0, description="Drop the first N records (after shuffling, before `limit`): with "
+                                 "the same `seed`, `skip: N` holds out what `limit: N` trains on.")
+    seed: int | None = Field(None, description="Shuffle seed (default: one derived from the recipe seed and the "
+                             "place the data is read for); set it on a training set and its held-out eval alike.")
     where: dict[str, str | int | float | bool] | None = Field(
         None, description="Keep only rows whose fields equal these values, e.g. {kind: harmful} (before shuffle "
         "and limit)."

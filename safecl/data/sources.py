@@ -272,11 +272,13 @@ def read_records(cfg: DataConfig, base_dir: Path | None = None,
 
 def load_examples(cfg: DataConfig, base_dir: Path | None = None, seed: int = 0,
                   need_response: bool = True) -> tuple[list[Example], LoadReport]:
-    """All usable examples of a source (shuffled with ``seed`` if asked, then cut to ``limit``).
+    """All usable examples of a source (shuffled with ``seed``, or the source's own ``seed``, if
+    asked, then the first ``skip`` dropped and the rest cut to ``limit``).
 
     A preset's rows go through its ``to_row`` first; a Saferpaca mix is interleaved with
     ``seed`` whatever ``shuffle`` says, so ``limit`` keeps its safety share.
     """
+    seed = cfg.seed if cfg.seed is not None else seed
     name, rows, parts = read_records(cfg, base_dir, seed)
     to_row = DATA_PRESETS[cfg.preset].to_row if cfg.preset else None
     report = LoadReport(source=name, rows=len(rows), preset=cfg.preset, parts=parts)
@@ -307,6 +309,10 @@ def load_examples(cfg: DataConfig, base_dir: Path | None = None, seed: int = 0,
         raise DataError(f"{name}: no usable rows ({report.rows} rows, {report.skipped} skipped)")
     if cfg.shuffle:
         random.Random(seed).shuffle(examples)
+    if cfg.skip:
+        if cfg.skip >= len(examples):
+            raise DataError(f"{name}: skip: {cfg.skip} leaves no row of its {len(examples)} usable ones")
+        examples = examples[cfg.skip:]
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     report.kept = len(examples)

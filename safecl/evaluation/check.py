@@ -191,11 +191,11 @@ def _choice_set(task_name, task: TaskEvalConfig, examples: list[Example], model,
 
 
 def _nll_set(task_name, task: TaskEvalConfig, examples: list[Example], model, tokenizer, cfg: RetentionConfig,
-             seed, keep) -> EvalResult:
+             seed, keep, limit: int | None) -> EvalResult:
     """Gold-answer NLL (safecl.evaluation.likelihood.gold_nll): column ``nll:<task>``, lower is better."""
     start = time.perf_counter()
-    if task.limit is not None:
-        examples = examples[: task.limit]
+    if limit is not None:
+        examples = examples[:limit]
     values = gold_nll(model, tokenizer, examples, task.nll_max_len, cfg.batch_size)
     samples = [{"prompt": _last_user_text(ex.prompt_messages), "response": ex.response, "nll": round(v, 4)}
                for ex, v in zip(examples, values)]
@@ -309,6 +309,7 @@ def run_retention_check(
     harmful = load_prompts(cfg.harmful, base_dir)
     benign = load_prompts(cfg.benign, base_dir)
     task_examples = [(name, task, load_task_examples(task)) for name, task in tasks]
+    nll_examples = {name: load_task_examples(task.nll_data) for name, task in tasks if task.nll_data is not None}
     names = [name for name, _ in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
@@ -324,6 +325,9 @@ def run_retention_check(
             if task.metric != "nll":
                 evals.append(_task_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples, progress,
                                        gen))
-            if task.metric == "nll" or wants_nll(task, examples):
-                evals.append(_nll_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples))
+            if name in nll_examples:
+                evals.append(_nll_set(name, task, nll_examples[name], model, tokenizer, cfg, seed, keep_samples,
+                                      limit=task.nll_data.limit))
+            elif task.metric == "nll" or wants_nll(task, examples):
+                evals.append(_nll_set(name, task, examples, model, tokenizer, cfg, seed, keep_samples, task.limit))
     return CheckResult(evals=evals, seconds=time.perf_counter() - start, seed=seed)

@@ -110,6 +110,10 @@ class TaskEvalConfig(DataConfig):
         None, description="Also score the gold-answer NLL (column nll:<task>: mean NLL per gold-response token, "
         "teacher-forced, one forward pass, no generation). Default: when every eval row has a gold response.")
     nll_max_len: PositiveInt = Field(1024, description="gold_nll: tokens per scored sequence (prompt + response).")
+    nll_data: DataConfig | None = Field(
+        None, description="Score the gold-answer NLL on these rows (with responses) instead of the eval's own, e.g. "
+        "held-out rows of the stage's training source (same `seed`, `skip` = the stage's `limit`) when the eval set "
+        "has no gold responses (HumanEval).")
     labels: list[str] | None = Field(None, description="label_accuracy / choice: the label words (default: the "
                                      "preset's, else the answers seen).")
     max_new_tokens: PositiveInt | None = Field(None, description="Override retention.max_new_tokens for this task.")
