@@ -141,6 +141,16 @@ class Tracker:
             values["safety_retention"] = retention
         self._log(self.parent_id, values, step)
 
+    def log_learning(self, learning: dict[str, dict]) -> None:
+        """What each task stage learned (RetentionMatrix.learning) on the parent run:
+        ``gain.<column>``, ``fwt.<column>``, ``bwt.<column>`` where defined."""
+        if not self.enabled:
+            return
+        values = {f"{key}.{metric_key(column)}": entry[key] for column, entry in learning.items()
+                  for key in ("gain", "fwt", "bwt") if entry.get(key) is not None}
+        if values:
+            self._log(self.parent_id, values, 0)
+
     def end_stage(self, name: str, metrics: dict, stage_dir: Path) -> None:
         if not self.enabled:
             return

@@ -96,7 +96,11 @@ def test_mlflow_store_has_parent_and_one_child_per_stage(smoke_run):
         assert [h.value for h in sorted(history, key=lambda h: h.step)] == pytest.approx(metrics["train"]["losses"])
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"metrics.json", "mask.safetensors"} <= artifacts
-    assert "task.sentiment" in client.get_run(run["mlflow"]["parent_run_id"]).data.metrics
+    parent = client.get_run(run["mlflow"]["parent_run_id"]).data.metrics
+    assert "task.sentiment" in parent and "nll.sentiment" in parent
+    learning = json.loads((out / "retention.json").read_text())["summary"]["learning"]
+    assert parent["gain.nll.arithmetic"] == pytest.approx(learning["nll:arithmetic"]["gain"])
+    assert parent["fwt.task.sentiment"] == pytest.approx(learning["task:sentiment"]["fwt"])
 
 
 def test_train_ends_with_the_stage_table_and_the_audit_command(smoke_run):

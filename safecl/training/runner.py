@@ -283,6 +283,8 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
             raise GateHalt(f"stage '{stage.name}' failed the retention gate ({decision.action}): "
                            + "; ".join(decision.reasons) + f". Earlier stages are intact in {out}")
     fault_point("end")
+    if tracker.enabled and tracker.matrix.rows:
+        mlflow.log_learning(tracker.matrix.learning())
     run_info.update(status="completed", ended=_now(), summary=tracker.summary())
     if main:
         write_json(out / "run.json", run_info)
