@@ -126,3 +126,19 @@ def test_over_budget_the_teacher_is_recomputed_and_logged(tiny):
                      echo=said.append)
     roomy(model, 1)
     assert roomy.cache is not None and roomy.info["teacher"] == "cached" and len(said) == 1
+
+
+def test_every_n_takes_the_term_on_every_nth_step_weighted_n_times(tiny):
+    model, tok = tiny
+    layers = inject_adapters(model, TARGETS, 4, 8, seed=0, train_A=False)
+    anchors = _anchors(tok)
+    _begin(layers, "lori-s")
+    _move(layers)
+    each = KLAnchor("anchor_kl", layers, anchors, 1.5, 3, tok.pad_token_id, seed=2)
+    third = KLAnchor("anchor_kl", layers, anchors, 1.5, 3, tok.pad_token_id, seed=2, every=3)
+    assert third(model, 1) is None and third(model, 2) is None and third(model, 4) is None
+    with torch.no_grad():
+        # the j-th taken step (step 3j) draws the anchors of step j, weighted 3 times
+        assert torch.allclose(third(model, 3), 3 * each(model, 1), rtol=1e-6, atol=0)
+        assert torch.allclose(third(model, 6), 3 * each(model, 2), rtol=1e-6, atol=0)
+        assert not torch.allclose(each(model, 1), each(model, 2), rtol=1e-3, atol=0)  # other anchors, other value
