@@ -70,12 +70,17 @@ def test_cached_teacher_loss_equals_recomputed_bit_for_bit(tiny, method):
         assert float((cached(model, 1) - full).abs()) < 1e-6
 
 
-def test_resumed_stage_rebuilds_the_same_cache(tiny):
+def _moved_stage(tiny):
+    """(model, tokenizer, layers, anchors): a lori-s stage begun and moved away from its teacher."""
     model, tok = tiny
     layers = inject_adapters(model, TARGETS, 4, 8, seed=0, train_A=False)
-    anchors = _anchors(tok)
     _begin(layers, "lori-s")
     _move(layers)
+    return model, tok, layers, _anchors(tok)
+
+
+def test_resumed_stage_rebuilds_the_same_cache(tiny):
+    model, tok, layers, anchors = _moved_stage(tiny)
     first = TeacherCache(model, layers, anchors, tok.pad_token_id, chunk=4)
     state = {f"{n}.values": layer.values.detach().clone() for n, layer in layers.items()}  # as a checkpoint holds it
 
@@ -129,11 +134,7 @@ def test_over_budget_the_teacher_is_recomputed_and_logged(tiny):
 
 
 def test_every_n_takes_the_term_on_every_nth_step_weighted_n_times(tiny):
-    model, tok = tiny
-    layers = inject_adapters(model, TARGETS, 4, 8, seed=0, train_A=False)
-    anchors = _anchors(tok)
-    _begin(layers, "lori-s")
-    _move(layers)
+    model, tok, layers, anchors = _moved_stage(tiny)
     each = KLAnchor("anchor_kl", layers, anchors, 1.5, 3, tok.pad_token_id, seed=2)
     third = KLAnchor("anchor_kl", layers, anchors, 1.5, 3, tok.pad_token_id, seed=2, every=3)
     assert third(model, 1) is None and third(model, 2) is None and third(model, 4) is None
