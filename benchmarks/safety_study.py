@@ -152,7 +152,8 @@ def write_table(results: dict, out: Path) -> None:
                      f"{_fmt(r['gsm8k'])} | {r['task_train_seconds']:.0f} | {extra:.2f} | "
                      f"{r['check_seconds'] or 0:.0f} |")
     lines += ["", "| configuration | seeds | retention mean (min-max) | refusal after GSM8K | over-refusal change "
-              "(after GSM8K - after safety) | GSM8K exact match | extra s/step |", "|---|---|---|---|---|---|---|"]
+              "(after GSM8K - after safety) | GSM8K exact match | GSM8K NLL gain | plasticity (NLL) | extra s/step |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name in CONFIGS:
         rs = [r for r in results.values() if r["config"] == name]
         if not rs:
@@ -161,9 +162,14 @@ def write_table(results: dict, out: Path) -> None:
         ret = [r["retention"] for r in rs if r["retention"] is not None]
         change = [r["over_refusal"]["score"] - r["over_refusal_after_safety"]["score"] for r in rs]
         extra = [sum(t.get("seconds_per_step") or 0 for t in r["terms"].values()) for r in rs]
+        gains = [g for r in rs if (g := _gain(r, "nll")) is not None]
+        ratios = [g / g0 for r in rs if (g := _gain(r, "nll")) is not None
+                  and (g0 := _gain(results.get(f"lori-s/s{r['seed']}", {}), "nll"))]
         lines.append(f"| {name} | {len(rs)} | {mean(ret):.2f} ({min(ret):.2f}-{max(ret):.2f}) | "
                      f"{mean([r['refusal']['score'] for r in rs]):.2f} | {mean(change):+.2f} | "
-                     f"{mean([r['gsm8k']['score'] for r in rs]):.3f} | {mean(extra):.2f} |")
+                     f"{mean([r['gsm8k']['score'] for r in rs]):.3f} | "
+                     f"{f'{mean(gains):+.3f}' if gains else '-'} | {f'{mean(ratios):.2f}' if ratios else '-'} | "
+                     f"{mean(extra):.2f} |")
     lines += learning_table(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
