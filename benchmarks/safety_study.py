@@ -202,7 +202,11 @@ def learning_table(results: dict) -> list[str]:
         ratio = []
         for kind in ("nll", "em"):
             g, g0 = _gain(r, kind), _gain(ref, kind)
-            ratio.append("-" if g is None or not g0 else f"{g / g0:.2f}")
+            ci0 = (ref.get("learning", {}).get(kind) or {}).get("gain_ci")
+            if ci0 and ci0[0] <= 0 <= ci0[1]:  # the reference learned nothing measurable: no ratio
+                ratio.append("n/a (reference gain's CI spans 0)")
+            else:
+                ratio.append("-" if g is None or not g0 else f"{g / g0:.2f}")
         before = (r["learning"].get("nll") or {}).get("before")
         lines.append(f"| {r['config']} | {r['seed']} | {_num(before)} | {_gain_cell(r, 'nll', 3)} | {ratio[0]} | "
                      f"{_gain_cell(r, 'em', 3)} | {ratio[1]} |")
