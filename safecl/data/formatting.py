@@ -68,9 +68,10 @@ def encode_all(tokenizer, examples: list[Example], max_len: int) -> tuple[list[E
     return out, dropped
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padding has label -100 and attention 0."""
-    width = max(len(e.input_ids) for e in batch)
+def collate(batch: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (or to ``width``, at least that); padding has label -100
+    and attention 0."""
+    width = max([len(e.input_ids) for e in batch] + ([width] if width else []))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)

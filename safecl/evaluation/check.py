@@ -41,7 +41,7 @@ from safecl.errors import DataError
 from safecl.evaluation.config import RetentionConfig, TaskEvalConfig
 from safecl.evaluation.generation import generate
 from safecl.evaluation.judges import Judge, make_judge
-from safecl.evaluation.likelihood import choice_continuations, choice_scores, gold_nll
+from safecl.evaluation.likelihood import choice_requests, choice_scores, gold_nll
 from safecl.evaluation.prompts import load_prompts
 from safecl.evaluation.scorers import answer_decided, bootstrap_ci, exact_match_number, label_accuracy, label_decided
 
@@ -180,8 +180,7 @@ def _choice_set(task_name, task: TaskEvalConfig, examples: list[Example], model,
     out = choice_scores(model, tokenizer, examples, labels, cfg.batch_size)
     values = out["values"]
     samples = []
-    for ex, pick, ll, v in zip(examples, out["picked"], out["loglik"], values):
-        texts, _ = choice_continuations(ex, labels)
+    for ex, pick, ll, v, texts in zip(examples, out["picked"], out["loglik"], values, out["choices"]):
         samples.append({"prompt": _last_user_text(ex.prompt_messages), "response": texts[pick],
                         "answer": str(ex.answer).strip(), "verdict": v == 1.0, "loglik": [round(x, 4) for x in ll]})
     measured = {"kind": "metric", "metric": "choice", "labels": labels,
@@ -221,8 +220,8 @@ def _harness_set(task_name, task: TaskEvalConfig, examples: list[Example], answe
     questions = [_last_user_text(ex.prompt_messages) for ex in examples]
     if task.harness in CHOICE_TEMPLATES:
         labels = _task_labels(task, examples)
-        docs = [{"question": q, "choices": choice_continuations(ex, labels)[0],
-                 "gold": choice_continuations(ex, labels)[1]} for q, ex in zip(questions, examples)]
+        docs = [{"question": q, "choices": texts, "gold": gold}
+                for q, (_, texts, gold) in zip(questions, choice_requests(tokenizer, examples, labels))]
     else:
         docs = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
     out = run_harness(task.harness, docs, harness_lm(model, tokenizer, cfg.batch_size), max_new)

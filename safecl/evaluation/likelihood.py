@@ -125,7 +125,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def choice_scores(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = 16) -> dict:
-    """{"values": 1.0/0.0 per example, "picked": label index per example, "loglik": per choice}."""
+    """{"values": 1.0/0.0 per example, "picked": choice index per example, "loglik": per choice,
+    "choices": the continuation texts per example}."""
     requests = choice_requests(tokenizer, examples, labels)
     encoded, owners = [], []
     for i, (context, continuations, _) in enumerate(requests):
@@ -139,4 +140,4 @@ def choice_scores(model, tokenizer, examples: list[Example], labels: list[str], 
         loglik[owner].append(-s)
     picked = [max(range(len(ll)), key=ll.__getitem__) for ll in loglik]
     values = [1.0 if p == gold else 0.0 for p, (_, _, gold) in zip(picked, requests)]
-    return {"values": values, "picked": picked, "loglik": loglik}
+    return {"values": values, "picked": picked, "loglik": loglik, "choices": [texts for _, texts, _ in requests]}

@@ -289,9 +289,10 @@ class RetentionMatrix:
             out[column] = entry
         return out
 
-    def transfer_means(self, prefix: str = TASK_PREFIX) -> dict[str, float | None | list]:
-        """Mean gain, FWT and BWT over the columns with ``prefix``, with intervals."""
-        learning = {c: e for c, e in self.learning().items() if c.startswith(prefix)}
+    def transfer_means(self, prefix: str = TASK_PREFIX, learning: dict | None = None) -> dict[str, float | None | list]:
+        """Mean gain, FWT and BWT over the columns with ``prefix``, with intervals (``learning``:
+        :meth:`learning`'s result when the caller has it)."""
+        learning = {c: e for c, e in (learning or self.learning()).items() if c.startswith(prefix)}
         out: dict = {}
         for key in ("gain", "fwt", "bwt"):
             got = [e for e in learning.values() if e[key] is not None]
@@ -302,6 +303,7 @@ class RetentionMatrix:
 
     def summary(self) -> dict:
         """The computed metrics at the final row (written into retention.json for readers)."""
+        learning = self.learning()
         return {
             "final_stage": self.final_stage,
             "safety_stage": self.safety_stage,
@@ -311,8 +313,9 @@ class RetentionMatrix:
             "over_refusal_change": self.over_refusal_change(),
             "safety_retention": {s: self.safety_retention(s) for s in self.stages},
             "refusal_drop": {s: self.refusal_drop(s) for s in self.stages},
-            "learning": {c: {k: v for k, v in e.items() if not k.startswith("_")} for c, e in self.learning().items()},
-            "transfer": {"task": self.transfer_means(TASK_PREFIX), "nll": self.transfer_means(NLL_PREFIX)},
+            "learning": {c: {k: v for k, v in e.items() if not k.startswith("_")} for c, e in learning.items()},
+            "transfer": {"task": self.transfer_means(TASK_PREFIX, learning),
+                         "nll": self.transfer_means(NLL_PREFIX, learning)},
         }
 
     # ----- persistence ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ stage start. It is exact (bit for bit the model before the stage) and does not c
 the stage, so the KL anchor computes its distributions once (:class:`TeacherCache`): at the
 first step it runs (also the first step after a resume), the teacher's log-probabilities at
 every anchor's labelled positions, kept for the whole stage. Memory:
-anchors x tokens x vocabulary x 4 bytes (64 x 16 x 49,152 x 4 = 201 MB for SmolLM2). Above
+anchors x tokens x vocabulary x 4 bytes (at most 64 x 16 x 49,152 x 4 = 192 MiB for SmolLM2; 181-185 MiB
+measured, as some answers end before 16 tokens). Above
 ``cache_mb`` the anchor says so in the log and recomputes the teacher on each step's batch
 instead (one extra forward per step, today's cost).
 
@@ -101,16 +102,6 @@ def kl_rows(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> tor
     return (teacher_logprobs.exp() * (teacher_logprobs - s)).sum(-1).mean()
 
 
-def padded_batch(anchors: list[Encoded], pad_id: int, width: int) -> dict[str, torch.Tensor]:
-    """``collate`` right-padded to ``width`` (>= the longest anchor)."""
-    batch = collate(anchors, pad_id)
-    extra = width - batch["input_ids"].size(1)
-    if extra > 0:
-        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
-        batch = {k: F.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
-    return batch
-
-
 class TeacherCache:
     """The teacher's log-probabilities at every anchor's labelled positions, computed once.
 
@@ -127,7 +118,7 @@ class TeacherCache:
         with torch.no_grad(), stage_switched_off(layers):
             for i in range(0, len(anchors), chunk):
                 part = anchors[i:i + chunk]
-                batch = {k: v.to(dev) for k, v in padded_batch(part, pad_id, self.width).items()}
+                batch = {k: v.to(dev) for k, v in collate(part, pad_id, self.width).items()}
                 logp = F.log_softmax(labelled_logits(model, batch).float(), dim=-1)
                 self.rows += list(logp.split([labelled(a) for a in part]))
 
@@ -184,7 +175,7 @@ class KLAnchor:
         if self.cache is not None:
             return self.cache[picks]
         batch = {k: v.to(_device(model))
-                 for k, v in padded_batch([self.anchors[i] for i in picks], self.pad_id, self.width).items()}
+                 for k, v in collate([self.anchors[i] for i in picks], self.pad_id, self.width).items()}
         with torch.no_grad(), stage_switched_off(self.layers):
             return F.log_softmax(labelled_logits(model, batch).float(), dim=-1)
 
