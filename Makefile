@@ -1,6 +1,8 @@
 # safecl: two commands for a fresh machine.
 #   make quickstart   virtualenv + install + safecl train recipes/quickstart.yaml
 #   make test         virtualenv + install + import contracts (lint-imports) + the test suite (CI runs exactly this)
+# Code execution (HumanEval pass@k) runs each sample under bubblewrap, a system package:
+#   apt-get install bubblewrap     (.ci/run does it where it runs as root)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

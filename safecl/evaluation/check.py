@@ -251,7 +251,8 @@ def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
     responses = generate(model, tokenizer, [ex.prompt_messages for ex in rows], max_new, cfg.batch_size,
                          do_sample=cfg.do_sample or n > 1, stop_early=None, progress=progress, desc=f"task:{task_name}")
     limits = Limits(timeout=task.timeout)
-    outcomes = [run_sample(humaneval_program(ex.meta["prompt"], r, ex.meta["test"], ex.meta["entry_point"]), limits)
+    outcomes = [run_sample(humaneval_program(ex.meta["prompt"], r, ex.meta["test"], ex.meta["entry_point"]), limits,
+                           task.sandbox)
                 for ex, r in zip(rows, responses)]
     passed = [sum(o.passed for o in outcomes[i * n:(i + 1) * n]) for i in range(len(examples))]
     values = [pass_at_k(n, c, task.k) for c in passed]
@@ -262,8 +263,10 @@ def _code_set(task_name, task: TaskEvalConfig, examples: list[Example], model, t
                 "decoding": "greedy" if n == 1 and not cfg.do_sample else "sampled",
                 "rule": "the completion (its first ```python block, else the text) with the problem's prompt and "
                         "tests exits 0 after check(entry_point)",
-                "sandbox": {"process": "one per sample", "timeout_s": task.timeout, "memory_mb": limits.memory_mb,
-                            "network": "off (unshare -n)" if network_isolated() else "on (unshare -n not allowed)"}}
+                "sandbox": {"kind": task.sandbox, "process": "one per sample", "timeout_s": task.timeout,
+                            "memory_mb": limits.memory_mb,
+                            "network": "off (own namespace)" if task.sandbox == "bubblewrap" or network_isolated()
+                            else "on (unshare -n not allowed)"}}
     return _result(f"task:{task_name}", values, measured, samples, cfg, seed, keep, start,
                    n_empty=sum(not r.strip() for r in responses), max_new_tokens=max_new)
 

@@ -8,6 +8,7 @@ from safecl.config import Section
 from safecl.data.config import DataConfig, PresetSection
 from safecl.safety.config import RepairConfig
 from safecl.data.presets import PROMPT_PRESET_NAMES, PROMPT_PRESETS, fill_hub_source
+from safecl.evaluation.sandbox import INSTALL, bubblewrap_problem
 
 Fraction = confloat(ge=0.0, le=1.0)
 
@@ -121,6 +122,11 @@ class TaskEvalConfig(DataConfig):
         False, description="pass_at_k: run the generated code (each sample in its own sandboxed process, see "
         "safecl.evaluation.execution). Off by default: generated code is untrusted."
     )
+    sandbox: Literal["bubblewrap", "process"] = Field(
+        "bubblewrap", description="pass_at_k: where each sample runs (safecl.evaluation.sandbox). bubblewrap: its own "
+        "namespaces, read-only /usr, a tmpfs as its only writable folder, uid 65534, no network, no fork or exec "
+        f"(needs `{INSTALL}`); process: the weaker guard of a plain process, which code written to escape gets "
+        "around; asked for by name only.")
     timeout: PositiveFloat = Field(10.0, description="pass_at_k: wall-clock seconds per sample.")
     samples: PositiveInt = Field(1, description="pass_at_k: answers per problem; 1 = greedy, more = sampled (the "
                                  "model's generation config, seeded by the check) for the unbiased pass@k.")
@@ -136,6 +142,12 @@ class TaskEvalConfig(DataConfig):
         if self.metric == "pass_at_k" and not self.allow_code_execution:
             raise ValueError("metric pass_at_k runs the model's generated code; set allow_code_execution: true "
                              "in this eval section to allow it (each sample runs in its own sandboxed process)")
+        if self.metric == "pass_at_k" and self.sandbox == "bubblewrap":
+            problem = bubblewrap_problem()
+            if problem is not None:  # never a silent fallback to the weaker guard
+                raise ValueError(f"sandbox: bubblewrap (the default for code execution): {problem}. Install it "
+                                 f"(`{INSTALL}`), or set `sandbox: process` in this eval section to run the samples "
+                                 "under the weaker process guard (no boundary against code written to escape)")
         return self
 
     @classmethod

@@ -1,20 +1,30 @@
-"""Scoring code by running it: HumanEval-style pass@k, each sample in its own sandboxed process.
+"""Scoring code by running it: HumanEval-style pass@k, each sample in its own sandbox.
 
 A sample passes when ``program = code prompt + completion + test + check(entry_point)`` runs to
 its end: the program prints a random token after ``check`` returns, and only exit status 0 with
 that token counts (a completion that calls ``sys.exit(0)`` early fails). Generated code never
 runs in the trainer's process, and only when the recipe opts in (``allow_code_execution``).
 
-Each sample runs in a fresh process (``python -I``: no user site, no PYTHON* variables) with:
-an empty temporary working directory, removed afterwards; an environment holding only PATH,
-HOME and TMPDIR (pointing into that directory): no inherited secrets or tokens; a wall-clock
-timeout (the process group is killed); CPU-time, address-space (memory) and file-size limits
-(``resource.setrlimit``); its own session; no network where ``unshare -n`` is allowed (probed
-once; ``network_isolated()`` says); an unprivileged user (``nobody``) when the trainer runs as
-root and ``nobody`` can read the interpreter (not when Python lives under /root); and a Python prelude that refuses to open, remove or rename files outside the working
-directory and turns off ``os.system``, ``os.fork``, ``subprocess`` and ``shutil.rmtree``.
-This guards against accidents of generated code (loops, exits, huge allocations, stray writes);
-it is not a boundary against code written to escape (use a container or VM for that).
+The boundary (``sandbox``, :mod:`safecl.evaluation.sandbox`):
+
+- ``bubblewrap`` (default): each sample in new user, pid, network, ipc, uts, cgroup and mount
+  namespaces (``bwrap``), seeing only ``/usr`` and the interpreter's prefix read-only and a
+  fresh tmpfs as its only writable folder; uid 65534, no capabilities, no network, an
+  environment of four variables, dead with the trainer; a seccomp filter refuses fork, exec,
+  unshare and setns before the sample's first line. This is a boundary against code written to
+  escape: no view of the trainer's files, environment or processes (``tests/test_escapes.py``
+  tries each way out).
+- ``process`` (asked for by name): a process of its own (``python -I``) in an empty temporary
+  directory, removed afterwards, with an environment of PATH, HOME, TMPDIR; no network where
+  ``unshare -n`` is allowed (``network_isolated()``); the ``nobody`` user when the trainer runs
+  as root and ``nobody`` can read the interpreter; a Python prelude that refuses to open, remove
+  or rename files outside the working directory and turns off ``os.system``, ``os.fork``,
+  ``subprocess`` and ``shutil.rmtree``. It guards against accidents (loops, exits, huge
+  allocations, stray writes), not against code written to escape: ctypes, ``_io`` and
+  ``posix_spawn`` go around the prelude, and the sample sees the trainer's files.
+
+Both: a wall-clock timeout (the process group is killed) and CPU-time, address-space (memory),
+file-size and core limits (``resource.setrlimit``); the Python prelude runs in both.
 
 pass@k over n samples with c passing (Chen et al. 2021), unbiased::
 
@@ -36,6 +46,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from math import comb
+
+from safecl.evaluation.sandbox import ENV as SANDBOX_ENV
+from safecl.evaluation.sandbox import bubblewrap_command, bubblewrap_problem, seccomp_prelude
 
 _PRELUDE = r'''
 import builtins, io, os, sys
@@ -85,6 +98,7 @@ class Limits:
     timeout: float = 10.0  # wall-clock seconds per sample
     memory_mb: int = 1024  # address space
     file_mb: int = 16  # largest file the sample may write
+    scratch_mb: int = 64  # bubblewrap: size of the sample's only writable folder (a tmpfs)
 
 
 @dataclass(frozen=True)
@@ -142,10 +156,29 @@ def _nobody() -> tuple[int, int] | None:
         return None
 
 
-def run_sample(program: str, limits: Limits = Limits()) -> Outcome:
-    """Run ``program`` in the sandbox; it passes when it exits 0 having printed the token that
-    :func:`humaneval_program` puts after its checks (``{TOKEN}`` in ``program`` is replaced)."""
+def run_sample(program: str, limits: Limits = Limits(), sandbox: str = "bubblewrap") -> Outcome:
+    """Run ``program`` in the sandbox (``bubblewrap`` or ``process``, module doc); it passes when it
+    exits 0 having printed the token that :func:`humaneval_program` puts after its checks
+    (``{TOKEN}`` in ``program`` is replaced). Raises RuntimeError when bubblewrap cannot run here."""
     token = secrets.token_hex(16)
+    source = _PRELUDE + "\n" + program.replace("{TOKEN}", token)
+    if sandbox == "bubblewrap":
+        problem = bubblewrap_problem()
+        if problem is not None:
+            raise RuntimeError(f"sandbox bubblewrap: {problem}")
+        fd = os.memfd_create("safecl-sample")
+        try:
+            os.write(fd, (seccomp_prelude() + source).encode())
+            os.lseek(fd, 0, os.SEEK_SET)
+            # bwrap starts with the sample's environment: its pid-1 copy keeps the one it was given
+            proc = subprocess.Popen(bubblewrap_command(fd, limits.scratch_mb), env=dict(SANDBOX_ENV), pass_fds=(fd,),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, errors="replace", preexec_fn=_limit(limits))
+        finally:
+            os.close(fd)
+        return _finish(proc, token, limits)
+    if sandbox != "process":
+        raise ValueError(f"sandbox {sandbox!r}: expected bubblewrap or process")
     work = tempfile.mkdtemp(prefix="safecl-exec-")
     drop = _nobody()
     try:
@@ -155,7 +188,7 @@ def run_sample(program: str, limits: Limits = Limits()) -> Outcome:
         # root: drop to nobody first thing (after `unshare -n`, which needs root, has run)
         drop_code = f"import os\nos.setgroups([])\nos.setgid({drop[1]})\nos.setuid({drop[0]})\n" if drop else ""
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(drop_code + _PRELUDE + "\n" + program.replace("{TOKEN}", token))
+            fh.write(drop_code + source)
         cmd = [sys.executable, "-I", "-B", path]
         if network_isolated():
             cmd = [shutil.which("unshare"), "-n", *cmd]
@@ -163,18 +196,22 @@ def run_sample(program: str, limits: Limits = Limits()) -> Outcome:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, errors="replace",
                                 preexec_fn=_limit(limits))
-        try:
-            out, err = proc.communicate(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return Outcome(False, "timeout")
-        if proc.returncode == 0 and token in out:
-            return Outcome(True, "passed")
-        last = (err.strip().splitlines() or [f"exit status {proc.returncode}, no result"])[-1]
-        return Outcome(False, f"failed: {last[:200]}")
+        return _finish(proc, token, limits)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(proc: subprocess.Popen, token: str, limits: Limits) -> Outcome:
+    try:
+        out, err = proc.communicate(timeout=limits.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # bubblewrap: its sandbox dies with it (--die-with-parent)
+        proc.communicate()
+        return Outcome(False, "timeout")
+    if proc.returncode == 0 and token in out:
+        return Outcome(True, "passed")
+    last = (err.strip().splitlines() or [f"exit status {proc.returncode}, no result"])[-1]
+    return Outcome(False, f"failed: {last[:200]}")
 
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
