@@ -103,7 +103,7 @@ class RetentionMatrix:
 
         Raises:
             ValueError: duplicate stage without ``replace``, a score outside [0, 1] (or a
-            negative NLL) or NaN.
+                negative NLL) or NaN.
         """
         if not isinstance(stage_name, str) or not stage_name:
             raise ValueError(f"stage name must be a non-empty string, got {stage_name!r}")
@@ -276,6 +276,8 @@ class RetentionMatrix:
                      "before": self.rows[p]["scores"].get(column) if p is not None else None,
                      "after": self.rows[o]["scores"].get(column),
                      "final": self.rows[final]["scores"].get(column) if final is not None else None}
+            for key, at in (("base", base), ("after", o)):
+                entry[f"{key}_ci"] = self._row_ci(at, column)
             for key, (a, b) in {"gain": (o, p), "fwt": (p, base), "bwt": (final, o)}.items():
                 usable = a is not None and b is not None and a != b and not self.rows[o]["rolled_back"]
                 if key == "fwt":
@@ -288,6 +290,16 @@ class RetentionMatrix:
                 entry[f"_{key}_pair"] = pair
             out[column] = entry
         return out
+
+    def _row_ci(self, index: int | None, column: str) -> list[float] | None:
+        """95% bootstrap interval of R[index, column] from its per-example values (None when the
+        row kept none); the same interval the check reports for that score."""
+        values = None if index is None else (self.rows[index].get("values") or {}).get(column)
+        if not values:
+            return None
+        from safecl.evaluation.scorers import bootstrap_ci
+
+        return list(bootstrap_ci(values))
 
     def transfer_means(self, prefix: str = TASK_PREFIX, learning: dict | None = None) -> dict[str, float | None | list]:
         """Mean gain, FWT and BWT over the columns with ``prefix``, with intervals (``learning``:
