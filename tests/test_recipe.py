@@ -68,6 +68,18 @@ def test_wrong_type_names_key_path_and_line(tmp_path, arithmetic_file):
         load_recipe(write(tmp_path, text, arithmetic_file))
 
 
+def test_a_boolean_where_a_number_belongs_is_refused(tmp_path, arithmetic_file):
+    """YAML reads `true` as a boolean and pydantic would take it as 1 (lr 1.0): an error naming the key."""
+    with pytest.raises(RecipeError, match=r"recipe.yaml:9: train.lr: .*expected a number, got a boolean \(true\)"):
+        load_recipe(write(tmp_path, GOOD.replace("lr: 1e-4", "lr: true"), arithmetic_file))
+    recipe = write(tmp_path, GOOD, arithmetic_file)
+    for override in ("train.lr=true", "adapter.rank=false", "stages.1.epochs=true", "gate.min_retention=true"):
+        with pytest.raises(RecipeError, match=rf"command-line override {override}\): {override.split('=')[0]}: "
+                                              r".*expected a number, got a boolean"):
+            load_recipe(recipe, [override])
+    assert load_recipe(recipe, ["retention.enabled=false"]).retention.enabled is False  # a boolean field still is one
+
+
 def test_negative_size_is_an_error(tmp_path, arithmetic_file):
     with pytest.raises(RecipeError, match=r"stages.1.epochs: Input should be greater than 0"):
         load_recipe(write(tmp_path, GOOD.replace("epochs: 2", "epochs: -1"), arithmetic_file))
