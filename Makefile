@@ -1,6 +1,8 @@
 # safecl: two commands for a fresh machine.
 #   make quickstart   virtualenv + install + safecl train recipes/quickstart.yaml
-#   make test         virtualenv + install + import contracts (lint-imports) + the test suite (CI runs exactly this)
+#   make test         virtualenv + install + import contracts (lint-imports) + the docs site built --strict
+#                     + the test suite (CI runs exactly this)
+#   make docs         serve the docs site on http://127.0.0.1:8000 (make docs-build: write it to site/)
 # Code execution (HumanEval pass@k) runs each sample under bubblewrap, a system package:
 #   apt-get install bubblewrap     (.ci/run does it where it runs as root)
 PYTHON ?= python3
@@ -9,7 +11,7 @@ BIN := $(VENV)/bin
 # CPU wheel on these machines; set TORCH_SPEC= (empty) to keep a CUDA torch you installed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart test smoke clean
+.PHONY: install quickstart test smoke docs docs-build clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +35,15 @@ smoke: install
 
 test: install
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest
 
+# The docs site (mkdocs.yml, docs/); the reference pages are generated from the code at build time.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
