@@ -1,7 +1,7 @@
 """Reading a run directory into a :class:`RunRecord`, whatever state the run is in.
 
 A directory is a run when it holds at least one of ``run.json``, ``recipe.resolved.yaml`` or
-``retention.json`` (see README, "The run directory"). Everything else is optional, because a
+``retention.json`` (see docs/reference/run-directory.md). Everything else is optional, because a
 run can be read while it trains, after a crash, after the gate halted it or rolled a stage
 back:
 
