@@ -134,10 +134,43 @@ def stage_table(out: Path) -> str:
     from safecl.audit.table import format_learning
 
     learned = format_learning({c: e for c, e in m.learning().items() if e.get("gain") is not None})
+    timing = time_line(Path(out))
     return "\n".join(["[safecl] refusal (harmful prompts refused), over_refusal (benign prompts refused), "
                       "task scores (nll: gold-answer NLL, lower is better), after each stage:",
                       *("  " + x for x in lines), *(["[safecl] " + learned[0].strip(), learned[1]] if learned else []),
-                      f"[safecl] {audit}"])
+                      *([timing] if timing else []), f"[safecl] {audit}"])
+
+
+def time_line(out: Path) -> str | None:
+    """``[safecl] time: base check 41 s | safety 180 + 40 s | ... | wall 9m 12s``: each stage's
+    training and retention-check seconds (run.json) and the run's wall time from its start
+    (this process's start for a resumed run is not separated: the wall spans every attempt)."""
+    from datetime import datetime
+
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parts = []
+    try:
+        seconds = json.loads((out / "base_check.json").read_text())["seconds"]
+        parts.append("base check copied" if run.get("started_from") else f"base check {seconds:.0f} s")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for st in run.get("stages", []):
+        if st.get("adopted_from"):
+            parts.append(f"{st['name']} (from {Path(st['adopted_from']).name})")
+            continue
+        train, check = st.get("train_seconds"), st.get("check_seconds")
+        if train is not None:
+            parts.append(f"{st['name']} {train:.0f} s train" + (f" + {check:.0f} s check" if check is not None else ""))
+    try:
+        start, end = (datetime.fromisoformat(run[k]) for k in ("started", "ended"))
+        wall = (end - start).total_seconds()
+        parts.append(f"wall {int(wall // 60)}m {int(wall % 60):02d}s" + (" over several attempts" if run.get("resumed") else ""))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "[safecl] time: " + " | ".join(parts) if parts else None
 
 
 def relaunch(args) -> int:

@@ -89,6 +89,39 @@ def test_paired_intervals_resample_items_with_the_same_draw():
     assert again.learning()["task:math"]["gain_ci"] == gain["gain_ci"]
 
 
+def test_base_and_after_scores_carry_the_checks_own_interval():
+    from safecl.audit.table import format_learning
+    from safecl.evaluation.scorers import bootstrap_ci
+
+    base = [0.0] * 60 + [1.0] * 4  # 4/64 before anything
+    after = [0.0] * 20 + [1.0] * 44  # 44/64 after its stage
+    m = RetentionMatrix()
+    m.add_row("base", {"refusal": 0.1, "task:math": 4 / 64}, values={"task:math": base})
+    m.add_row("safety", {"refusal": 0.9, "task:math": 4 / 64})  # no values kept: no interval
+    m.add_row("math", {"refusal": 0.8, "task:math": 44 / 64}, values={"task:math": after})
+    e = m.learning()["task:math"]
+    assert e["base_ci"] == list(bootstrap_ci(base)) and e["after_ci"] == list(bootstrap_ci(after))
+    assert e["base_ci"][1] < e["after_ci"][0]  # learned beyond both intervals
+    row = format_learning(m.learning())[1].splitlines()[-1]
+    assert f"0.062 [{e['base_ci'][0]:.2f}, {e['base_ci'][1]:.2f}]" in row and "0.062  " in row  # before: no CI
+    assert f"0.688 [{e['after_ci'][0]:.2f}, {e['after_ci'][1]:.2f}]" in row
+
+
+def test_end_of_run_time_line_reads_each_stage_and_the_wall(tmp_path):
+    import json
+
+    from safecl.cli import time_line
+
+    assert time_line(tmp_path) is None  # no run.json: nothing to say
+    (tmp_path / "base_check.json").write_text(json.dumps({"seconds": 41.2}))
+    (tmp_path / "run.json").write_text(json.dumps({
+        "started": "2026-12-07T01:00:00+00:00", "ended": "2026-12-07T01:09:12+00:00",
+        "stages": [{"name": "safety", "train_seconds": 180.4, "check_seconds": 39.6},
+                   {"name": "math", "train_seconds": 60.0, "check_seconds": None}]}))
+    assert time_line(tmp_path) == ("[safecl] time: base check 41 s | safety 180 s train + 40 s check | "
+                                   "math 60 s train | wall 9m 12s")
+
+
 def test_nll_columns_are_bounded_below_only():
     m = RetentionMatrix()
     m.add_row("base", {"nll:math": 2.7})  # > 1 is fine for an NLL

@@ -264,6 +264,12 @@ def _diff_cell(entry: dict, key: str) -> str:
     return fmt(entry[key], signed=True) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
 
 
+def _score_cell(entry: dict, key: str) -> str:
+    """``0.078 [0.02, 0.14]``: a score of the learning table with its 95% interval (when kept)."""
+    ci = entry.get(f"{key}_ci")
+    return fmt(entry.get(key)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and entry.get(key) is not None else "")
+
+
 def format_learning(learning: dict) -> list[str]:
     """What each task stage learned (RetentionMatrix.learning): one row per task column with the
     base score, the score just before and after its own stage, the gain, forward and backward
@@ -274,14 +280,15 @@ def format_learning(learning: dict) -> list[str]:
 
 
 LEARNING_HEADER = ["task", "base", "before", "after", "gain", "FWT", "BWT"]
-LEARNING_READ = ("gain = after its stage - just before it; FWT = just before - base; BWT = final - after its stage "
+LEARNING_READ = ("base and after its own stage [95% CI]; gain = after its stage - just before it; "
+                 "FWT = just before - base; BWT = final - after its stage "
                  "(NLL: each the other way round, so + is better)  [95% paired CI]")
 
 
 def learning_rows(learning: dict) -> list[list[str]]:
     """One row per task column of RetentionMatrix.learning (see format_learning)."""
-    return [[column + (" (lower is better)" if e.get("lower_is_better") else ""), fmt(e.get("base")),
-             fmt(e.get("before")), fmt(e.get("after")), _diff_cell(e, "gain"), _diff_cell(e, "fwt"),
+    return [[column + (" (lower is better)" if e.get("lower_is_better") else ""), _score_cell(e, "base"),
+             fmt(e.get("before")), _score_cell(e, "after"), _diff_cell(e, "gain"), _diff_cell(e, "fwt"),
              _diff_cell(e, "bwt")] for column, e in learning.items()]
 
 
