@@ -23,7 +23,7 @@ from safecl.errors import SafeclError
 
 # What a stage commits (the ones present are recorded).
 COMMITTED = ("metrics.json", "answers.jsonl", "mask.safetensors", "mask.rolled_back.safetensors", "refusal_direction.safetensors",
-             "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
+             "refusal_probe.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
 
 
 class CorruptStage(SafeclError):

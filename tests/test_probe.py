@@ -88,7 +88,7 @@ def test_the_watch_acts_at_the_first_probe_under_the_threshold(action, watched_f
     stop = next(s for s, v in free[1:] if v < threshold)
     good = max([0] + [s for s, v in free[1:stop] if v >= threshold])
     out = tmp_path / action
-    rc = main(["train", str(SMOKE), f"output_dir={out}", *FAST, "gate.watch=probe",
+    rc = main(["train", str(SMOKE), f"output_dir={out}", *FAST, "gate.watch=probe", "gate.watch_untracked=true",
                f"gate.min_probe_retention={threshold!r}", f"gate.watch_action={action}"])
     info = json.loads((out / "run.json").read_text())
     m = json.loads((out / "stages" / "01-arithmetic" / "metrics.json").read_text())

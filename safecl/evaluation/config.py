@@ -167,10 +167,22 @@ class ProbeConfig(Section):
     """The refusal probe (safecl.safety.probe): probe retention measured during task stages from
     one forward pass over held-in harmful prompts, no generation. Needs ``refusal_direction``."""
 
+    kind: Literal["direction", "prefix", "prefix-prob", "opening"] = Field(
+        "direction", description="What is read (safecl.safety.probe): direction = the last prompt token's "
+        "projection on the refusal direction; prefix = the mean per-token log-probability of each prompt's "
+        "post-safety refusal opening (its first `tokens` answer tokens, teacher-forced); prefix-prob = the "
+        "probability of that whole opening; opening = the share of prompts whose greedy first `tokens` tokens "
+        "open a refusal by the judge's phrase list. Each is 0 on the base model and 1 after the safety stage.")
     every: PositiveInt = Field(25, description="Optimizer steps between two probes (plus one before the first step "
                                "and one at the stage end).")
     limit: PositiveInt = Field(16, description="Harmful prompts probed: the first N of refusal_direction.harmful.")
+    tokens: PositiveInt = Field(6, description="prefix, prefix-prob, opening: answer tokens read per prompt "
+                                "(the recorded opening's length; the greedy steps of `opening`).")
     batch_size: PositiveInt = 16
+    keep_adapters: bool = Field(
+        False, description="Keep the cumulative adapter at every probed step in <stage dir>/probe_adapters/"
+        "step-NNNNNN/ (PEFT format), so benchmarks/probe_correlation.py can judge mid-stage checkpoints. "
+        "One adapter per probe: mind the disk.")
 
 
 class RetentionConfig(Section):
@@ -223,6 +235,10 @@ class GateConfig(Section):
     min_probe_retention: float | None = Field(
         None, description="Probe retention (0 = base model, 1 = after the safety stage) under which `watch` acts."
     )
+    watch_untracked: bool = Field(
+        False, description="Let `watch` act on a probe kind not measured to track the judged check (Spearman < 0.9, "
+        "safecl.safety.config.MEASURED_SPEARMAN): the probe alone then stops or rolls back stages. Off: such a "
+        "recipe is refused, since a watcher that errs toward 'safe' lets the stages it exists to stop run to the end.")
     watch_action: Literal["halt", "rollback"] = Field(
         "halt", description="halt: stop the stage there, commit it, exit 3; rollback: restore the last probed "
         "step at or above the threshold, end the stage there and go on."

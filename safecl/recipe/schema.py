@@ -23,7 +23,8 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, conflo
 from safecl.data.config import DataConfig
 from safecl.evaluation.config import GateConfig, RetentionConfig, TaskEvalConfig
 from safecl.recipe.base import Section
-from safecl.safety.config import AnchorConfig, DirectionConfig, ReplayConfig, SafetyMergeConfig
+from safecl.safety.config import (MEASURED_SPEARMAN, TRACKS_JUDGE_RHO, AnchorConfig, DirectionConfig, ReplayConfig,
+                                  SafetyMergeConfig, probe_tracks_judge)
 from safecl.tracking import TrackingConfig
 
 CURRENT_VERSION = 1
@@ -192,9 +193,25 @@ class Recipe(Section):
                 raise ValueError(f"stages.{i}.merge: the safety merge needs a frozen A (lori-s or lori-d), "
                                  "not lora")
         if self.retention.probe is not None and self.refusal_direction is None:
-            raise ValueError("retention.probe needs the `refusal_direction` section (the probe projects onto it)")
+            raise ValueError("retention.probe needs the `refusal_direction` section (its harmful prompts are the "
+                             "probe's; the direction kind projects onto its direction)")
         if self.gate.watch == "probe" and (self.retention.probe is None or self.gate.min_probe_retention is None):
             raise ValueError("gate.watch 'probe' needs retention.probe and gate.min_probe_retention")
+        probe = self.retention.probe
+        if probe is not None and probe.kind in ("prefix", "prefix-prob", "opening") and \
+                self.retention.judge.kind != "keyword":
+            raise ValueError(f"retention.probe.kind {probe.kind!r} decides refusal openings by the judge's phrase "
+                             "list; retention.judge.kind is 'classifier' (use kind: direction, or a keyword judge)")
+        if self.gate.watch == "probe" and not probe_tracks_judge(probe.kind) and not self.gate.watch_untracked:
+            rho = MEASURED_SPEARMAN.get(probe.kind)
+            measured = ("has not been measured against the judged check" if rho is None
+                        else f"tracks the judged check with Spearman {rho:.2f} only")
+            raise ValueError(
+                f"gate.watch 'probe' would stop stages on the {probe.kind!r} probe alone, but that probe {measured} "
+                f"(a probe that gates must reach {TRACKS_JUDGE_RHO}; benchmarks/results/probe_correlation.md): it "
+                "can read 'safe' while judged refusal has dropped. Its curve stays in the report as a visual aid. "
+                "Leave gate.watch unset and gate on the judged check (gate.min_retention), pick a probe kind that "
+                "tracks the judge, or set ""gate.watch_untracked: true to act on it anyway")
         if self.adapter.method == "lori-s" and self.adapter.disjoint:
             total = sum(self.stage_density(i) for i in range(len(self.stages)))
             if self.gate.action == "repair":  # room for one stage's repair passes at least

@@ -90,3 +90,25 @@ class RepairConfig(Section):
     )
     lr: PositiveFloat | None = Field(None, description="Learning rate (default: the safety stage's).")
     data: DataConfig | None = Field(None, description="Repair data (default: the safety stage's data).")
+
+
+# The refusal probe's kinds (safecl.safety.probe) and how well each tracks the judged check.
+PROBE_KINDS = ("direction", "prefix", "prefix-prob", "opening")
+
+# Spearman's rho between a kind's probe retention and judged refusal retention over the
+# checkpoints of benchmarks/probe_correlation.py (benchmarks/results/probe_correlation.md); None:
+# not measured yet. Filled in from that benchmark's output; a kind under TRACKS_JUDGE_RHO (or
+# unmeasured) does not stop a stage on its own (gate.watch; see Recipe validation).
+MEASURED_SPEARMAN: dict[str, float | None] = {
+    "direction": 0.79,  # 15 task-stage ends of 14 runs, 95% CI [0.40, 0.96]
+    "prefix": None,
+    "prefix-prob": None,
+    "opening": None,
+}
+TRACKS_JUDGE_RHO = 0.9
+
+
+def probe_tracks_judge(kind: str) -> bool:
+    """The kind's measured Spearman rho with judged retention is at least :data:`TRACKS_JUDGE_RHO`."""
+    rho = MEASURED_SPEARMAN.get(kind)
+    return rho is not None and rho >= TRACKS_JUDGE_RHO

@@ -21,11 +21,9 @@ from safecl.evaluation.generation import generate
 from safecl.recipe.schema import Recipe
 from safecl.safety.anchors import DirectionAnchor, KLAnchor, encode_anchor, prompt_part
 from safecl.safety.direction import load_direction, refusal_direction, save_direction
-from safecl.safety.probe import PROBE_FILE, ProbeMonitor, load_reference, probe_reference, save_reference
 from safecl.safety.sensitivity import safety_sensitivity
+from safecl.training.probing import DIRECTION_FILE, compute_probe_reference
 from safecl.training.rundir import stage_dir
-
-DIRECTION_FILE = "refusal_direction.safetensors"
 
 
 def apply_replay(recipe: Recipe, index: int, examples: list, pools: dict, base_dir: Path) -> tuple[list, dict | None]:
@@ -150,51 +148,6 @@ def compute_direction(ctx, base_dir: Path, sdir: Path) -> dict | None:
     return out
 
 
-def _probe_prompts(ctx, base_dir: Path, harmful: list | None = None) -> list[list[dict]]:
-    """The first ``retention.probe.limit`` of refusal_direction.harmful (``harmful``: already read)."""
-    if harmful is None:
-        harmful, _ = load_examples(ctx.recipe.refusal_direction.harmful, base_dir, seed=ctx.recipe.seed,
-                                   need_response=False)
-    return [e.prompt_messages for e in harmful[:ctx.recipe.retention.probe.limit]]
-
-
-def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | None = None,
-                            harmful: list | None = None) -> dict | None:
-    """Right after the safety stage (the model as it is now): s(base) and s(safety) of the refusal
-    probe (safecl.safety.probe), saved in the safety stage's directory. None without retention.probe."""
-    if ctx.recipe.retention.probe is None:
-        return None
-    start = time.perf_counter()
-    direction = direction if direction is not None else load_direction(sdir / DIRECTION_FILE)
-    ref = probe_reference(ctx.model, ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir, harmful), direction,
-                          ctx.recipe.retention.probe.batch_size)
-    ref["seconds"] = round(time.perf_counter() - start, 3)
-    if ctx.main:
-        save_reference(sdir / PROBE_FILE, ref)
-    return ref
-
-
-def probe_reference_outdated(ctx, base_dir: Path, sdir: Path) -> bool:
-    """The probe is on and its reference is missing or was measured on another number of prompts
-    (``retention.probe.limit`` may change at ``--resume``); call on the post-safety model."""
-    if ctx.recipe.retention.probe is None:
-        return False
-    path = sdir / PROBE_FILE
-    return not path.is_file() or load_reference(path)["n"] != len(_probe_prompts(ctx, base_dir))
-
-
-def build_monitor(ctx, index: int, base_dir: Path) -> ProbeMonitor | None:
-    """The refusal probe of task stage ``index`` (with the gate's watch threshold), or None."""
-    cfg, gate = ctx.recipe.retention.probe, ctx.recipe.gate
-    if cfg is None or index == 0:
-        return None
-    sdir = stage_dir(ctx.out, 0, ctx.recipe.stages[0].name)
-    watch = gate.watch == "probe"
-    return ProbeMonitor(ctx.tokenizer, ctx.layers, _probe_prompts(ctx, base_dir), load_reference(sdir / PROBE_FILE),
-                        load_direction(sdir / DIRECTION_FILE), cfg.every, cfg.batch_size,
-                        threshold=gate.min_probe_retention if watch else None, action=gate.watch_action)
-
-
 def safety_merge(ctx, index: int, before: dict, safety_B: dict) -> dict | None:
     """After a task stage's commit: scale its part where it conflicts with the safety stage's."""
     cfg = ctx.recipe.stages[index].merge
@@ -227,22 +180,3 @@ def after_training(ctx, index: int, before: dict, safety_B: dict, base_dir: Path
         echo(f"[safecl] safety merge: {merged['scaled']}/{merged['modules']} modules scaled by {merged['scale']:g} "
              f"(update cosine to the safety stage's: min {merged['cosine_min']:.3f}, mean {merged['cosine_mean']:.3f})")
     return safety_B
-
-
-def record_probe(monitor: ProbeMonitor | None, metrics: dict, echo) -> dict | None:
-    """After a task stage: its probe curve and cost into ``metrics["probe"]``; returns what the
-    mid-stage gate did ({step, probe_retention, threshold, action, restored_step?}) or None."""
-    if monitor is None:
-        return None
-    probe = monitor.summary(metrics["train"]["seconds"])
-    metrics["probe"] = probe
-    last = probe["points"][-1][1] if probe["points"] else None
-    share = probe["share_of_stage_time"]
-    echo(f"[safecl] refusal probe: {probe['probes']} probes, last {last if last is None else f'{last:.2f}'}, "
-         f"{probe['seconds']:.1f}s" + (f" ({100 * share:.1f}% of the stage's training time)" if share else ""))
-    fired = probe["fired"]
-    if fired:
-        where = f", rolled back to step {fired['restored_step']}" if fired["action"] == "rollback" else ""
-        echo(f"[safecl] WATCH {fired['action'].upper()}: probe retention {fired['probe_retention']:.2f} < "
-             f"{fired['threshold']:g} at step {fired['step']}{where}; the stage ends there")
-    return fired

@@ -35,9 +35,9 @@ from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
 from safecl.training.sharding import fsdp_requested, local_share, refuse_deepspeed, shard_base
-from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_monitor, build_terms,
-                                        check_sources, compute_direction, compute_probe_reference,
-                                        probe_reference_outdated, record_probe, record_teachers)
+from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_terms, check_sources,
+                                        compute_direction, record_teachers)
+from safecl.training.probing import build_monitor, compute_probe_reference, probe_reference_outdated, record_probe
 from safecl.tracking import Tracker
 from safecl.training.checkpoint import check_resumable, forget_stages, load_stage_adapter, readable_checkpoint
 from safecl.training.repair import repair
