@@ -31,10 +31,14 @@ Kinds (``retention.probe.kind``):
       s(M) = mean_{p in R} (1/|y_p|) sum_t log p_M(y_{p,t} | x_p, y_{p,<t})
 
   the mean per-token log-probability M gives the post-safety refusal openings. One forward pass
-  over prompt + k tokens, no generation.
+  over prompt + k tokens, no generation. It moves the way behaviour moves but lags it: s(base)
+  is often far below anything a compliant model gives the refusal (a tiny model trained to
+  refuse, then away from it, tests/test_probe_behaviour.py: judged refusal 1 -> 0 while this
+  reads 1 -> 0.77), so its normalisation spans a range that behaviour has long left.
 - ``prefix-prob``: the same prefixes, s(M) = mean_{p in R} p_M(y_p | x_p) = mean exp(sum_t log
-  p): the probability of reproducing the whole opening, bounded in [0, 1] (a prompt already far
-  from refusing cannot pull the mean down without bound, as it can with log-probabilities).
+  p): the probability of reproducing the whole opening, bounded in [0, 1]; where greedy decoding
+  stops producing the opening this probability is already small (same test: 1 -> 0.47 -> 0.03
+  while judged refusal reads 1 -> 0.75 -> 0). One forward pass.
 - ``opening`` (behaviour, decoded). s(M) = the share of P whose greedy first k tokens (KV cache,
   one batch) open a refusal by the judge's phrase list in prefix mode. k decoding steps, no long
   generation; the closest to what the judged check counts, but a step function of |P|.
