@@ -137,3 +137,133 @@ def test_probes_fall_with_judged_refusal_when_the_refusal_is_trained_away(safety
     # normalisation stretches over a range that behaviour has long left (measured, not assumed).
     assert curve["opening"] == curve["judged"]
     assert curve["prefix-prob"][-1] < 0.05 and curve["prefix"][-1] < 0.9
+
+
+# ----------------------------------------------------------------------------- through the runner
+
+RUN_FAST = ["train.max_steps=4", "adapter.calibration_steps=1", "retention.harmful.limit=4",
+            "retention.benign.limit=4", "retention.max_new_tokens=4", "stages.1.eval.limit=4", "stages.2.eval.limit=4",
+            "refusal_direction={harmful: {source: 'builtin:safety', where: {kind: harmful}, limit: 12}, "
+            "harmless: {source: 'builtin:safety', where: {kind: benign}, limit: 12}}"]
+
+
+@pytest.fixture(scope="module")
+def prefix_run(tmp_path_factory):
+    from tests.conftest import train_smoke
+
+    return train_smoke(tmp_path_factory, "probe-prefix",
+                       [*RUN_FAST, "retention.probe={kind: prefix-prob, every: 2, limit: 6, tokens: 4, "
+                        "keep_adapters: true}"])
+
+
+def test_a_run_stores_the_prefixes_commits_them_and_keeps_mid_stage_adapters(prefix_run, capsys):
+    import json
+
+    from safecl.integrity import sha256
+
+    sdir = prefix_run / "stages" / "00-safety"
+    ref = json.loads((sdir / "refusal_probe.json").read_text())
+    assert ref["kind"] == "prefix-prob" and ref["n"] == 6 and ref["tokens"] == 4
+    assert len(ref["prefixes"]) == 6 and all(len(y) <= 4 for y in ref["prefixes"]) and ref["rows"]
+    info = json.loads((prefix_run / "run.json").read_text())
+    assert info["stages"][0]["files"]["refusal_probe.json"] == sha256(sdir / "refusal_probe.json")
+    probe = json.loads((prefix_run / "stages" / "01-arithmetic" / "metrics.json").read_text())["probe"]
+    assert probe["kind"] == "prefix-prob" and probe["role"] == "visual aid"  # not measured to track the judge
+    assert [p[0] for p in probe["points"]] == [0, 2, 4] and probe["points"][0][1] == pytest.approx(1.0, abs=1e-5)
+    kept = sorted(p.name for p in (prefix_run / "stages" / "01-arithmetic" / "probe_adapters").iterdir())
+    assert kept == ["step-000000", "step-000002", "step-000004"]
+
+
+def test_the_benchmark_reads_mid_stage_checkpoints_and_scores_every_kind(prefix_run, tmp_path):
+    import importlib.util
+    import json
+
+    from tests.conftest import ROOT, SMOKE
+
+    spec = importlib.util.spec_from_file_location("probe_correlation", ROOT / "benchmarks" / "probe_correlation.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    out = tmp_path / "pc"
+    pc.main([str(prefix_run), "--data-dir", str(SMOKE.parent), "--limit", "6", "--tokens", "4", "--judge", "4",
+             "--reps", "50", "--out", str(out)])
+    doc = json.loads(out.with_suffix(".json").read_text())
+    steps = [(p["stage"], p["step"]) for p in doc["points"]]
+    assert steps == [("arithmetic", 0), ("arithmetic", 2), ("arithmetic", 4), ("arithmetic", None),
+                     ("sentiment", 0), ("sentiment", 2), ("sentiment", 4), ("sentiment", None)]
+    for p in doc["points"]:
+        assert {"direction", "prefix", "prefix-prob", "opening", "judged_retention"} <= set(p)
+    # the arithmetic stage's last kept adapter is its end: the same model, the same readings
+    assert doc["points"][2]["prefix-prob"] == pytest.approx(doc["points"][3]["prefix-prob"], abs=1e-6)
+    # the run's own probe read the same thing mid-stage as the benchmark does from the kept adapter
+    run_curve = json.loads((prefix_run / "stages" / "01-arithmetic" / "metrics.json").read_text())["probe"]["points"]
+    assert doc["points"][1]["prefix-prob"] == pytest.approx(run_curve[1][1], abs=1e-4)
+    assert "| probe | points (mid-stage)" in out.with_suffix(".md").read_text()
+
+
+def test_resume_with_another_probe_kind_records_its_reference_and_recommits(prefix_run, tmp_path):
+    import json
+    import shutil
+
+    from safecl.cli import main
+    from safecl.integrity import sha256
+    from tests.conftest import SMOKE
+
+    run = tmp_path / "run"
+    shutil.copytree(prefix_run, run)
+    assert main(["train", str(SMOKE), f"output_dir={run}", *RUN_FAST, "--resume",
+                 "retention.probe={kind: opening, every: 2, limit: 6, tokens: 4, keep_adapters: true}"]) == 0
+    sdir = run / "stages" / "00-safety"
+    ref = json.loads((sdir / "refusal_probe.json").read_text())
+    assert ref["kind"] == "opening" and ref["tokens"] == 4 and "prefixes" not in ref
+    info = json.loads((run / "run.json").read_text())
+    assert info["stages"][0]["files"]["refusal_probe.json"] == sha256(sdir / "refusal_probe.json")
+
+
+# ----------------------------------------------------------------------------- the gate may not trust an untracked probe
+
+PROBE_RECIPE = [*RUN_FAST, "retention.probe={every: 2, limit: 6}", "gate.watch=probe", "gate.min_probe_retention=0.5"]
+
+
+def test_a_watch_on_a_probe_that_does_not_track_the_judge_is_refused(tmp_path, capsys):
+    from safecl.cli import main
+    from safecl.safety.config import MEASURED_SPEARMAN
+    from tests.conftest import SMOKE
+
+    assert MEASURED_SPEARMAN["direction"] == 0.79  # benchmarks/results/probe_correlation.md, 15 checkpoints
+    assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'x'}", *PROBE_RECIPE, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "would stop stages on the 'direction' probe alone" in err and "Spearman 0.79" in err
+    assert "visual aid" in err and "gate.watch_untracked" in err
+    kind = [*PROBE_RECIPE[:-3], "retention.probe={kind: opening}", *PROBE_RECIPE[-2:]]
+    assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'y'}", *kind, "--dry-run"]) == 2
+    assert "'opening' probe alone, but that probe has not been measured" in capsys.readouterr().err
+    assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'z'}", *PROBE_RECIPE, "gate.watch_untracked=true",
+                 "--dry-run"]) == 0
+
+
+def test_a_kind_measured_to_track_the_judge_may_gate(monkeypatch):
+    from safecl.recipe import load_recipe
+    from safecl.safety import config
+    from tests.conftest import SMOKE
+
+    with pytest.raises(Exception, match="probe alone"):
+        load_recipe(SMOKE, [*PROBE_RECIPE[:-3], "retention.probe={kind: prefix-prob}", *PROBE_RECIPE[-2:]])
+    monkeypatch.setitem(config.MEASURED_SPEARMAN, "prefix-prob", 0.93)
+    recipe = load_recipe(SMOKE, [*PROBE_RECIPE[:-3], "retention.probe={kind: prefix-prob}", *PROBE_RECIPE[-2:]])
+    assert recipe.gate.watch == "probe" and config.probe_tracks_judge("prefix-prob")
+    assert not config.probe_tracks_judge("direction")
+
+
+def test_behaviour_kinds_need_the_keyword_judge_and_kinds_agree_with_the_schema():
+    import typing
+
+    from safecl.evaluation.config import ProbeConfig
+    from safecl.recipe import load_recipe
+    from safecl.safety.config import MEASURED_SPEARMAN, PROBE_KINDS
+    from tests.conftest import SMOKE
+
+    assert set(typing.get_args(ProbeConfig.model_fields["kind"].annotation)) == set(PROBE_KINDS) == set(
+        MEASURED_SPEARMAN)
+    with pytest.raises(Exception, match="decides refusal openings by the judge's phrase list"):
+        load_recipe(SMOKE, [*RUN_FAST, "retention.probe={kind: opening}",
+                            "retention.judge={kind: classifier, model: some/classifier}"])
