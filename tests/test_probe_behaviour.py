@@ -174,6 +174,18 @@ def test_a_run_stores_the_prefixes_commits_them_and_keeps_mid_stage_adapters(pre
     assert kept == ["step-000000", "step-000002", "step-000004"]
 
 
+def test_the_report_labels_an_untracked_probe_curve_a_visual_aid(prefix_run, capsys):
+    import json
+
+    from safecl.audit.plots import plot_probe
+    from safecl.cli import main
+
+    assert main(["audit", str(prefix_run), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)["runs"][0]
+    assert audit["stages"][1]["probe"]["kind"] == "prefix-prob" and audit["stages"][1]["probe"]["role"] == "visual aid"
+    assert "VISUAL AID ONLY (prefix-prob probe" in plot_probe([audit]).axes[0].get_title()
+
+
 def test_the_benchmark_reads_mid_stage_checkpoints_and_scores_every_kind(prefix_run, tmp_path):
     import importlib.util
     import json

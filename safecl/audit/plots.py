@@ -19,7 +19,8 @@ Views:
   split into what earlier stages owned and what the stage added (``mask.density``).
 - ``masks``:     entries of each stage's mask per (layer, projection).
 - ``probe``:     probe retention (safecl.safety.probe) over the optimizer steps of all task
-  stages, a dotted line at each stage start, ``gate.min_probe_retention`` dashed; only drawn
+  stages, a dotted line at each stage start, ``gate.min_probe_retention`` dashed, the title
+  marked "visual aid only" where the probe's kind is not measured to track the judge; only drawn
   when a run measured it.
 """
 
@@ -302,7 +303,12 @@ def plot_probe(audits: list[dict]) -> Figure:
     ax.axhline(0.0, color="0.6", linewidth=0.8)
     ax.set_xlabel("optimizer step (task stages, in order)")
     ax.set_ylabel("probe retention")
-    ax.set_title("refusal probe: 0 = base model, 1 = after the safety stage", fontsize=10)
+    aid = sorted({f"{(st.get('probe') or {}).get('kind')}" for a in audits for st in a["stages"]
+                  if (st.get("probe") or {}).get("role") == "visual aid"})
+    title = "refusal probe: 0 = base model, 1 = after the safety stage"
+    if aid:  # the kind is not measured to track the judged check (safecl.safety.config.MEASURED_SPEARMAN)
+        title += f"\nVISUAL AID ONLY ({', '.join(aid)} probe: not measured to track the judged check)"
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return fig
 

@@ -184,7 +184,7 @@ def _stage(record: RunRecord, st: StageRecord, rule: DriftRule, current: bool = 
     out["mechanisms"] = stage_mechanisms(st)
     out["cost"] = stage_cost(st, out["mechanisms"], out["train_seconds"])
     probe = metrics.get("probe")
-    out["probe"] = None if not probe else {k: probe.get(k) for k in ("every", "probes", "seconds",
+    out["probe"] = None if not probe else {k: probe.get(k) for k in ("every", "kind", "role", "probes", "seconds",
                                                                       "share_of_stage_time", "threshold", "fired")}
     out["watch"] = entry.get("watch")
     return out
