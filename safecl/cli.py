@@ -1,12 +1,17 @@
 """Command line: thin wrappers around the library; errors become messages and exit codes.
 
-Exit codes: 0 ok, 2 bad input (recipe, data, model), 3 the retention gate halted the run,
-1 an unexpected error (a bug: the traceback is printed).
+Exit codes: 0 ok, 2 bad input (recipe, data, model) or a full disk, 3 the retention gate halted
+the run, 1 an unexpected error (a bug: the traceback is printed).
+
+A full disk (ENOSPC, EDQUOT) anywhere safecl writes ends the command with one line that names
+the file and the next command (``safecl train ... --resume`` for a run; the same command again
+otherwise); every write is atomic, so what was committed before stays as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -93,10 +98,26 @@ def cmd_train(args) -> int:
         print(f"\nsafecl: interrupted; committed stages are safe in {recipe.output_dir}. Continue with: {command} --resume",
               file=sys.stderr)
         return 130
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        print(f"\nsafecl: error: {disk_full_line(exc)}; committed stages are safe in {recipe.output_dir}. Free space "
+              f"there, then continue with: {command} --resume", file=sys.stderr)
+        return 2
     if result.main:
         print(f"[safecl] run {result.status}: {result.output_dir}")
         print(stage_table(result.output_dir))
     return 0
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_line(exc: OSError) -> str:
+    """``no space left on device writing /runs/x/run.json`` (the file, when the error names one)."""
+    what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    return f"{what} writing {exc.filename}" if exc.filename else what
 
 
 def train_command(args) -> str:
@@ -288,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     except SafeclError as exc:
         print(f"safecl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        again = shlex.join(["safecl", *argv])
+        print(f"safecl: error: {disk_full_line(exc)}. Free space there, then run again: {again}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("safecl: interrupted; completed stages are in the run directory", file=sys.stderr)
         return 130

@@ -16,7 +16,9 @@ lookup. ACTION is
 - ``kill``: end the process at once with ``os._exit(137)``, as SIGKILL would (no ``finally``,
   no atexit, no flush);
 - ``wait``: create ``$SAFECL_FAULT_DIR/POINT.reached`` and block until the test creates
-  ``$SAFECL_FAULT_DIR/POINT.release`` (for two processes racing on one run directory).
+  ``$SAFECL_FAULT_DIR/POINT.release`` (for two processes racing on one run directory, or an
+  audit beside a live run);
+- ``enospc``: raise ``OSError(ENOSPC)`` naming the file being written, as a full disk would.
 
 Points (in the order a run reaches them):
 ``store`` (before the MLflow store is created), ``store.migrated`` (the store's schema is
@@ -26,10 +28,19 @@ before the base check), ``step`` (after an optimizer step and its checkpoint, if
 ``commit.adapter`` (a stage's adapter is written, its mask and metrics not yet),
 ``commit.files`` (every file of the stage is written, its run.json entry not yet),
 ``end`` (every stage committed, before run.json says completed).
+
+Write points: every file safecl writes passes ``write/<name>`` (its file or folder name) once
+the write has begun and before it lands under its name: ``write/run.json``, ``write/metrics.json``,
+``write/answers.jsonl``, ``write/retention.json``, ``write/mask.safetensors``, ``write/adapter``
+(the adapter folder), ``write/checkpoint`` (a mid-stage checkpoint folder), ``write/mlflow.db``
+(the MLflow store: its creation and every logging call), ``write/mlartifacts`` (an MLflow
+artifact), ``write/report.html`` (``safecl audit --report``), ... ``write/run.json@2:enospc``:
+the second write of run.json (the first stage's commit) finds the disk full.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -37,7 +48,8 @@ import time
 from pathlib import Path
 
 POINTS = ("store", "store.migrated", "started", "step", "check", "commit.adapter", "commit.files", "end")
-ACTIONS = ("interrupt", "kill", "wait")
+ACTIONS = ("interrupt", "kill", "wait", "enospc")
+WRITE = "write/"  # prefix of the write points: write/<file name>
 _seen: dict[str, int] = {}
 _pending = False  # a Ctrl-C arrived and may have been swallowed
 
@@ -68,14 +80,16 @@ def parse(spec: str) -> tuple[str, int, str]:
     where, _, action = spec.partition(":")
     point, _, nth = where.partition("@")
     action = action or "interrupt"
-    if point not in POINTS or action not in ACTIONS or (nth and not nth.isdigit()):
-        raise ValueError(f"SAFECL_FAULT={spec!r}: expected POINT[@N][:ACTION], POINT one of {', '.join(POINTS)}, "
-                         f"ACTION one of {', '.join(ACTIONS)}")
+    known = point in POINTS or (point.startswith(WRITE) and len(point) > len(WRITE))
+    if not known or action not in ACTIONS or (nth and not nth.isdigit()):
+        raise ValueError(f"SAFECL_FAULT={spec!r}: expected POINT[@N][:ACTION], POINT one of {', '.join(POINTS)} "
+                         f"or {WRITE}<file name>, ACTION one of {', '.join(ACTIONS)}")
     return point, int(nth or 1), action
 
 
-def fault_point(name: str) -> None:
-    """Raise a pending Ctrl-C; act here if ``SAFECL_FAULT`` names this point and this is its N-th visit."""
+def fault_point(name: str, path: str | os.PathLike | None = None) -> None:
+    """Raise a pending Ctrl-C; act here if ``SAFECL_FAULT`` names this point and this is its N-th
+    visit. ``path``: the file a write point writes (named by ``enospc``)."""
     global _pending
     if _pending:
         _pending = False
@@ -97,6 +111,8 @@ def fault_point(name: str) -> None:
         while not (folder / f"{name}.release").exists():
             time.sleep(0.01)
         return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path) if path is not None else name)
     raise KeyboardInterrupt(f"fault point {name}")
 
 

@@ -18,17 +18,30 @@ that is renamed to ``mlflow.db`` only when they are done, so an interrupt during
 leaves no half-built store (a leftover temporary file is removed by the next run). A
 ``mlflow.db`` in a directory whose run never started (no run.json) holds nothing the run needs;
 if it cannot be opened it is rebuilt.
+
+A run interrupted or killed leaves its MLflow runs RUNNING (nothing ends them on the way out).
+At ``--resume`` (the run lock says no one else writes here) every run of this safecl run still
+RUNNING is ended KILLED, with the tag ``safecl.ended``; a stage's child run so ended stays as
+the record of the lost attempt and the stage gets a fresh child run; the parent goes on.
+Each is listed in run.json (``mlflow.killed``), which the audit shows.
+
+A full disk under the store or its artifacts (SQLite's "database or disk is full", an ENOSPC
+while an artifact is copied) is raised as ``OSError(ENOSPC)`` naming the store or the artifact
+folder, like every other write of safecl; the fault points ``write/mlflow.db`` (store creation
+and every logging call) and ``write/mlartifacts`` (each artifact) drill it.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import time
 import uuid
 from pathlib import Path
 
 from safecl.config import Section, flatten_keys
-from safecl.faults import fault_point
+from safecl.faults import WRITE, fault_point
 
 
 class TrackingConfig(Section):
@@ -58,15 +71,49 @@ def open_local_store(db: Path, started: bool):
         except Exception:  # a store from before atomic creation, cut during its migrations: holds no run
             db.unlink()
     if not db.is_file():
-        fault_point("store")
+        fault_point("store", db)
         tmp = db.with_name(f".{db.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
+            fault_point(WRITE + db.name, db)
             MlflowClient(tracking_uri=f"sqlite:///{tmp}")  # runs the schema migrations
             fault_point("store.migrated")
             os.replace(tmp, db)
         finally:
             tmp.unlink(missing_ok=True)
     return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An error, or one it was raised from, that says the disk is full (SQLite, OSError)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "orig", None)
+        seen += 1
+    return False
+
+
+def _writes(method):
+    """A Tracker method that writes the store: passes ``write/mlflow.db``; a full disk becomes
+    OSError(ENOSPC) naming the store (or the artifact folder, for an artifact's copy)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self.enabled:
+            return method(self, *args, **kwargs)
+        fault_point(WRITE + "mlflow.db", self.store)
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.filename is not None or not _disk_full(exc):
+                raise
+            where = self.artifacts if isinstance(exc, OSError) else self.store
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from exc
+
+    return wrapper
 
 
 def metric_key(name: str) -> str:
@@ -88,6 +135,8 @@ class Tracker:
 
         out = Path(out).resolve()
         self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+        self.store = out / "mlflow.db" if self.uri == f"sqlite:///{out / 'mlflow.db'}" else self.uri
+        self.artifacts = out / "mlartifacts"
         if self.uri == f"sqlite:///{out / 'mlflow.db'}":
             self.client = open_local_store(out / "mlflow.db", started=(out / "run.json").is_file())
         else:
@@ -98,19 +147,39 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
         else:
             self.experiment_id = exp.experiment_id
+        self.killed: list[dict] = list((existing or {}).get("killed", []))
         if existing and existing.get("parent_run_id"):
             self.parent_id = existing["parent_run_id"]
+            self._end_left_running()
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"safecl.output_dir": str(out)})
             self.parent_id = run.info.run_id
 
+    def _end_left_running(self) -> None:
+        """End KILLED the runs of this safecl run left RUNNING by a process that stopped (module doc)."""
+        parent = self.client.get_run(self.parent_id)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        left = self.client.search_runs([parent.info.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' "
+                                                     "and attributes.status = 'RUNNING'")
+        for run in [*left, *([parent] if parent.info.status == "RUNNING" else [])]:
+            run_id = run.info.run_id
+            self.client.set_tag(run_id, "safecl.ended", f"KILLED at resume {when}: left RUNNING by a process that "
+                                "was interrupted or died")
+            self.client.set_terminated(run_id, "KILLED")
+            stage = run.data.tags.get("safecl.stage")
+            self.killed.append({"run_id": run_id, "run_name": run.info.run_name, "stage": stage, "ended_at": when})
+            if stage is not None and self.child_ids.get(stage) == run_id:
+                del self.child_ids[stage]  # the stage is trained again: a fresh child run records it
+
     def ids(self) -> dict:
         if not self.enabled:
             return {}
         return {"uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": self.parent_id,
-                "children": self.child_ids}
+                "children": self.child_ids, **({"killed": self.killed} if self.killed else {})}
 
+    @_writes
     def log_recipe(self, resolved: dict) -> None:
         if not self.enabled:
             return
@@ -121,6 +190,7 @@ class Tracker:
         for i in range(0, len(params), 100):
             self.client.log_batch(self.parent_id, params=params[i:i + 100])
 
+    @_writes
     def start_stage(self, index: int, name: str, settings: dict) -> None:
         if not self.enabled or name in self.child_ids:
             return
@@ -132,6 +202,7 @@ class Tracker:
 
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(settings).items()])
 
+    @_writes
     def log_checkpoint(self, step: int, scores: dict[str, float | None], retention: float | None) -> None:
         """Retention scores on the parent run; step 0 = base, step i+1 = after stage i."""
         if not self.enabled:
@@ -141,6 +212,7 @@ class Tracker:
             values["safety_retention"] = retention
         self._log(self.parent_id, values, step)
 
+    @_writes
     def log_learning(self, learning: dict[str, dict]) -> None:
         """What each task stage learned (RetentionMatrix.learning) on the parent run:
         ``gain.<column>``, ``fwt.<column>``, ``bwt.<column>`` where defined."""
@@ -151,6 +223,7 @@ class Tracker:
         if values:
             self._log(self.parent_id, values, 0)
 
+    @_writes
     def end_stage(self, name: str, metrics: dict, stage_dir: Path) -> None:
         if not self.enabled:
             return
@@ -191,14 +264,18 @@ class Tracker:
             self.client.set_tag(run_id, "safecl.gate", f"{gate.get('action')}: {'; '.join(gate.get('reasons', []))}"[:5000])
         for name_ in ("metrics.json", "answers.jsonl", "mask.safetensors", "mask.rolled_back.safetensors"):
             if (stage_dir / name_).is_file():
+                fault_point(WRITE + "mlartifacts", self.artifacts / name_)
                 self.client.log_artifact(run_id, str(stage_dir / name_))
         self.client.set_terminated(run_id, "FINISHED")
 
+    @_writes
     def log_artifact(self, path: Path) -> None:
         """A file of the run (the base check's answers) as an artifact of the parent run."""
         if self.enabled and Path(path).is_file():
+            fault_point(WRITE + "mlartifacts", self.artifacts / Path(path).name)
             self.client.log_artifact(self.parent_id, str(path))
 
+    @_writes
     def end(self, status: str) -> None:
         if not self.enabled:
             return

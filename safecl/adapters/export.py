@@ -11,7 +11,6 @@ Masks are bool tensors keyed by the PEFT ``lora_B`` parameter name.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safecl.adapters.layer import LoRILinear
-from safecl.atomic import atomic_directory
+from safecl.atomic import atomic_directory, atomic_file
 from safecl.errors import SafeclError
 
 PREFIX = "base_model.model."
@@ -90,9 +89,8 @@ def load_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def save_mask(mask: dict[str, torch.Tensor], path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({peft_key(n, "B"): m.to(torch.bool).contiguous() for n, m in mask.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({peft_key(n, "B"): m.to(torch.bool).contiguous() for n, m in mask.items()}, tmp)
     return path
 
 

@@ -12,6 +12,11 @@ back:
   nothing to rebuild from, ``matrix`` is None.
 - a stage directory without ``metrics.json`` (the stage is training) or whose metrics have no
   ``retention`` yet (its check is running): the stage is listed with what is known.
+- only committed stages are read: once run.json lists stages, a stage directory without its
+  run.json entry (written, not committed: a live run between its files and its commit, or a
+  stage left by an interrupt) is listed as started, its files unread, and its row in
+  ``retention.json`` is left out; so an audit beside a live run never reads a stage that is
+  still being written (files are also written atomically: never half of one).
 - stages named in the recipe but not started yet are listed with state ``"pending"``.
 - repair passes of the gate (action ``repair``): stages named ``<stage>.repair<k>``, not in the
   recipe, with the index of the stage they repair (``stages/<NN>-<stage>.repair<k>/``, a
@@ -235,6 +240,19 @@ def _stages(root: Path, recipe: dict, run_info: dict, warnings: list[str]) -> li
     return sorted(records, key=lambda r: (r.index, r.attempt or 0))
 
 
+def _committed_only(run_info: dict, stages: list[StageRecord]) -> set[str] | None:
+    """Forget what was read of stages that run.json does not list (module doc); the committed
+    names, or None for a run.json without a stage list (nothing to tell committed by)."""
+    entries = run_info.get("stages")
+    if not isinstance(entries, list):
+        return None
+    committed = {str(e.get("name")) for e in entries if isinstance(e, dict)}
+    for rec in stages:
+        if rec.run_entry is None and rec.dir is not None:
+            rec.metrics, rec.evals, rec.mask_path = None, {}, None
+    return committed
+
+
 def _rebuild_matrix(base_evals: dict, stages: list[StageRecord], safety: str | None) -> RetentionMatrix | None:
     """R from base_check.json and the stages' metrics, when retention.json is missing."""
     matrix = RetentionMatrix(safety_stage=safety)
@@ -269,6 +287,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         run_info = {}
     recipe = _read_recipe(root / "recipe.resolved.yaml", warnings)
     stages = _stages(root, recipe, run_info, warnings)
+    committed = _committed_only(run_info, stages)
     verify_run(root)  # committed stages: their files as written at commit, or a CorruptStage error
     base_evals = _evals(_read_json(root / "base_check.json", warnings))
     safety = stages[0].name if stages else None
@@ -281,6 +300,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
             warnings.append(f"{err}; rebuilt from the stages' metrics.json")
     if matrix is None:
         matrix = _rebuild_matrix(base_evals, stages, safety)
+    if matrix is not None and committed is not None:
+        matrix.rows = [r for r in matrix.rows if r["stage"] == BASE or r["stage"] in committed]
+        matrix = matrix if matrix.rows else None
     status = run_info.get("status") or ("running" if recipe or stages else "unknown")
     return RunRecord(path=root, status=status, run_info=run_info, recipe=recipe, matrix=matrix,
                      base_evals=base_evals, stages=stages, warnings=warnings, name=root.name)

@@ -19,9 +19,10 @@ import html
 import re
 from pathlib import Path
 
+from safecl.atomic import atomic_file, write_text
 from safecl.audit.plots import make_figures, to_png
 from safecl.audit.table import (LEARNING_HEADER, LEARNING_READ, comparison_rows, cost_line, fmt, fmt_cell,
-                                learning_rows, mechanism_text, stage_label,
+                                killed_lines, learning_rows, mechanism_text, stage_label,
                                 started_from_line)
 
 HOW_TO_READ = {
@@ -156,7 +157,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def _run_header(a: dict) -> str:
     status = a["status"] + (f" at stage '{a['halted_at']}'" if a.get("halted_at") else "")
     start = f"; {started_from_line(a)}" if started_from_line(a) else ""
-    return f"status {status}; method {a.get('method')}; model {a.get('model')}; directory {a['run_dir']}{start}"
+    killed = "".join(f"; {line}" for line in killed_lines(a))
+    return (f"status {status}; method {a.get('method')}; model {a.get('model')}; directory {a['run_dir']}{start}"
+            f"{killed}")
 
 
 ANSWER_HEADER = ["checkpoint", "check", "n", "refused / right", "changed", "page"]
@@ -189,11 +192,11 @@ def answer_pages(a: dict, out: Path) -> list[list[str]]:
                         f"<td>{html.escape(r['response']) or '<i>(empty)</i>'}</td><td>{html.escape(r['verdict'])}"
                         f"{matched}{gold}{was}</td></tr>")
         title = f"{a['name']}: {check} after {stage}"
-        (out / slug).write_text(
+        write_text(out / slug,
             f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"</head><body><h1>{html.escape(title)}</h1><p class='read'>judge: {html.escape(str(items[0]['judge']))}; "
             f"{len(items)} answers</p><table><tr><th>#</th><th>prompt</th><th>answer</th><th>verdict</th></tr>"
-            + "".join(body) + "</table></body></html>", encoding="utf-8")
+            + "".join(body) + "</table></body></html>")
         positive = sum(r["verdict"] in ("refused", "right") for r in items)
         table.append([stage, check, str(len(items)), f"{positive / len(items):.2f}",
                       str(sum(1 for r in items if r.get("was"))), slug])
@@ -248,7 +251,8 @@ def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
     for key, ttl, fig in make_figures(audits):
         data = to_png(fig)
         png = out / f"{key}.png"
-        png.write_bytes(data)
+        with atomic_file(png) as tmp:
+            tmp.write_bytes(data)
         paths[key] = png
         b64 = base64.b64encode(data).decode("ascii")
         h.append(f"<h3>{html.escape(ttl)}</h3><p class='read'>{html.escape(HOW_TO_READ[key])}</p>"
@@ -257,6 +261,6 @@ def write_report(doc: dict, out_dir: str | Path) -> dict[str, Path]:
     h.append("</body></html>")
     paths["html"] = out / "report.html"
     paths["markdown"] = out / "report.md"
-    paths["html"].write_text("\n".join(h), encoding="utf-8")
-    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    write_text(paths["html"], "\n".join(h))
+    write_text(paths["markdown"], "\n".join(md))
     return paths

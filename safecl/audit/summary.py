@@ -225,6 +225,7 @@ def audit_run(record: RunRecord, rule: DriftRule | None = None) -> dict:
         "halted_at": info.get("halted_at"), "reasons": info.get("reasons") or [],
         "started": info.get("started"), "ended": info.get("ended"),
         "started_from": record.started_from,
+        "mlflow_killed": list((info.get("mlflow") or {}).get("killed") or []),
         "gate": record.gate_config, "rule": rule.to_dict(),
         "columns": m.columns if m is not None else [],
         "matrix": matrix_rows(record),

@@ -169,6 +169,14 @@ def started_from_line(audit: dict) -> str | None:
             f"retention rows {sf.get('retention_rows') or '?'})")
 
 
+def killed_lines(audit: dict) -> list[str]:
+    """One line per MLflow run that a resume found RUNNING (its process had stopped) and ended KILLED."""
+    return [f"MLflow run {k.get('run_name') or k.get('run_id')} ("
+            + (f"stage {k['stage']!r}" if k.get("stage") else "the parent run")
+            + f") was left RUNNING by an interrupted process; ended KILLED at the resume of {k.get('ended_at')}"
+            for k in audit.get("mlflow_killed") or []]
+
+
 def cost_line(audit: dict) -> str:
     """``total: train 9.6 s, mechanisms +6.97 s, repair passes 0.7 s``."""
     c = audit.get("cost") or {}
@@ -205,6 +213,7 @@ def format_run(audit: dict) -> str:
            + f"   method: {audit.get('method') or '?'}   model: {audit.get('model') or '?'}"]
     if started_from_line(audit):
         out.append("  " + started_from_line(audit))
+    out += ["  " + line for line in killed_lines(audit)]
     for w in audit.get("warnings") or []:
         out.append(f"  warning: {w}")
     cols = audit["columns"]
