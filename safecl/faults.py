@@ -21,6 +21,7 @@ lookup. ACTION is
 - ``enospc``: raise ``OSError(ENOSPC)`` naming the file being written, as a full disk would.
 
 Points (in the order a run reaches them):
+``adopt.copy`` (``--from RUN:STAGE``: before each file of the adopted stages is copied),
 ``store`` (before the MLflow store is created), ``store.migrated`` (the store's schema is
 built under its temporary name, not yet renamed into place), ``started`` (run.json written,
 before the base check), ``step`` (after an optimizer step and its checkpoint, if any),
@@ -47,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-POINTS = ("store", "store.migrated", "started", "step", "check", "commit.adapter", "commit.files", "end")
+POINTS = ("store", "store.migrated", "started", "step", "check", "commit.adapter", "commit.files", "end", "adopt.copy")
 ACTIONS = ("interrupt", "kill", "wait", "enospc")
 WRITE = "write/"  # prefix of the write points: write/<file name>
 _seen: dict[str, int] = {}

@@ -1,5 +1,5 @@
 """Faults, round two: a full disk at every kind of write, an audit beside a live run, MLflow runs
-left RUNNING by a SIGKILL.
+left RUNNING by a SIGKILL, a ``--from RUN:STAGE`` interrupted while it copies.
 
 Faults are injected at the named points of safecl.faults (``write/<file>:enospc`` raises the
 OSError a full disk raises, while the file's temporary copy exists; ``:kill`` and ``:wait`` as in
@@ -27,7 +27,6 @@ from tests.conftest import ROOT, SMOKE
 FAST = ["train.max_steps=4", "train.checkpoint_every=2", "adapter.calibration_steps=1", "retention.harmful.limit=2",
         "retention.benign.limit=2", "retention.max_new_tokens=2", "stages.1.eval.limit=2",
         "retention.bootstrap_samples=50"]
-STAGES = ["00-safety", "01-arithmetic"]
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +63,15 @@ def cli(recipe, out, env):
                             env={**os.environ, **env})
 
 
-def assert_same_run(out, reference):
-    for d in STAGES:
+def assert_same_run(out, reference, stages=("safety", "arithmetic")):
+    for d in [f"{i:02d}-{name}" for i, name in enumerate(stages)]:
         for rel in ("mask.safetensors", "adapter/adapter_model.safetensors"):
             ref, got = load_file(reference / "stages" / d / rel), load_file(out / "stages" / d / rel)
             assert ref.keys() == got.keys(), f"{d}/{rel}"
             for name in ref:
                 assert torch.equal(ref[name], got[name]), f"{d}/{rel}: {name} differs from the uninterrupted run"
     info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "completed" and [s["name"] for s in info["stages"]] == ["safety", "arithmetic"]
+    assert info["status"] == "completed" and [s["name"] for s in info["stages"]] == list(stages)
 
 
 def leftovers(out):
@@ -185,3 +184,47 @@ def test_an_audit_beside_a_live_run_reads_only_committed_stages_then_a_kill_leav
     assert main(["audit", str(out), "--json"]) == 0
     a = json.loads(capsys.readouterr().out)["runs"][0]
     assert len(a["mlflow_killed"]) == 2 and [s["state"] for s in a["stages"]] == ["checked", "checked"]
+
+
+@pytest.fixture(scope="module")
+def sequel(tmp_path_factory):
+    """Another task sequence on the same safety stage: safety, then sentiment."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data["stages"] = [data["stages"][0], data["stages"][2]]
+    path = tmp_path_factory.mktemp("recipe") / "sequel.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adopted(sequel, reference, tmp_path_factory):
+    """The sequel started from the reference's safety stage, uninterrupted."""
+    out = tmp_path_factory.mktemp("adopted") / "run"
+    assert train(sequel, out, "--from", f"{reference}:safety") == 0
+    return out
+
+
+@pytest.mark.parametrize("fault", ["adopt.copy@3:interrupt", "adopt.copy@2:kill", "write/00-safety:kill"])
+def test_a_from_interrupted_while_it_copies_then_the_next_command_finishes_identically(
+        fault, sequel, reference, adopted, tmp_path, capsys):
+    out = tmp_path / "run"
+    start = ["--from", f"{reference}:safety"]
+    if fault.endswith(":kill"):  # SIGKILL-like: no finally, no cleanup, a half-copied file or folder left behind
+        proc = subprocess.run([sys.executable, "-m", "safecl", "train", str(sequel), f"output_dir={out}", *FAST, *start],
+                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "SAFECL_FAULT": fault},
+                              timeout=600)
+        assert proc.returncode == 137
+        assert list((out / "stages").glob(".00-safety-*")) and not (out / "run.json").exists()
+        assert train(sequel, out, *start) == 0  # the same command again
+    else:
+        assert train(sequel, out, *start, fault=fault) == 130
+        err = capsys.readouterr().err
+        named = f"Continue with: safecl train {sequel} output_dir={out} {' '.join(FAST)} {' '.join(start)} --resume"
+        assert "Traceback" not in err and named in err
+        assert not (out / "stages" / "00-safety").exists()  # never half a stage under its name
+        assert train(sequel, out, *start, "--resume") == 0  # the command it named
+    assert_same_run(out, adopted, stages=("safety", "sentiment"))
+    ref = load_file(reference / "stages/00-safety/mask.safetensors")
+    assert all(torch.equal(ref[k], v) for k, v in load_file(out / "stages/00-safety/mask.safetensors").items())
+    info = json.loads((out / "run.json").read_text())
+    assert info["started_from"]["stage"] == "safety" and info["stages"][0]["adopted_from"] == str(reference)

@@ -10,6 +10,12 @@ Checked before anything is copied (each mismatch is an error naming the key): th
 finished STAGE (not rolled back); the model, adapter and seed settings are equal; each adopted
 stage has the same name, kind, data and training settings in both recipes (eval settings may
 differ). Recorded in run.json as ``started_from`` and shown by the audit.
+
+Interrupted while it copies (Ctrl-C, SIGKILL, a full disk): each stage folder is copied into a
+temporary sibling and renamed into place whole (every file passes the fault point
+``adopt.copy``), and nothing is committed before run.json records the adopted stages; the next
+command (the same one, with or without ``--resume``) copies again and goes on, ending as an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from safecl.atomic import atomic_directory, atomic_file
 from safecl.config import resolve_source
 from safecl.errors import TrainingError
+from safecl.faults import fault_point
 from safecl.evaluation.answers import BASE_ANSWERS
 from safecl.evaluation.matrix import BASE, FILENAME, RetentionMatrix
 from safecl.recipe.base import flatten_keys
@@ -81,10 +89,9 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
     for entry in finished[:k + 1]:
         verify_stage(src / entry["dir"], entry, f"rerun that stage in {src} (safecl train ... --resume --restart-from "
                                                 f"{entry['name']})")
-        target = out / entry["dir"]
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(src / entry["dir"], target, ignore=shutil.ignore_patterns("checkpoint"))
+        with atomic_directory(out / entry["dir"]) as tmp:
+            shutil.copytree(src / entry["dir"], tmp, ignore=shutil.ignore_patterns("checkpoint"),
+                            copy_function=_copy_file, dirs_exist_ok=True)
     same_check = source.get("retention") == mine.get("retention")
     if same_check and (src / FILENAME).is_file():
         old = RetentionMatrix.load(src / FILENAME)
@@ -93,10 +100,16 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         keep.save(out / FILENAME)
         for name in ("base_check.json", BASE_ANSWERS):  # the base row's n, interval and answers
             if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
+                with atomic_file(out / name) as tmp:
+                    _copy_file(src / name, tmp)
     return {"run": str(src), "stage": stage_name, "stages": names[:k + 1],
             "retention_rows": "copied" if same_check else "re-measured (retention settings differ)",
             "entries": finished[:k + 1]}
+
+
+def _copy_file(source, target):
+    fault_point("adopt.copy", target)
+    return shutil.copy2(source, target)
 
 
 def write_adopted(out: Path, run_info: dict, started: dict) -> None:
