@@ -303,8 +303,10 @@ PROMPT_PRESET_NAMES = tuple(PROMPT_PRESETS)
 # --------------------------------------------------------------------------- recipe defaults
 
 def preset_named(data, registry: dict):
-    """The preset a raw recipe mapping names in ``preset`` (None if it names none in ``registry``)."""
-    return registry.get(data.get("preset")) if isinstance(data, dict) else None
+    """The preset a raw recipe mapping names in ``preset`` (None if it names none in ``registry``;
+    a ``preset`` that is not a name is left to the schema, which names the key)."""
+    name = data.get("preset") if isinstance(data, dict) else None
+    return registry.get(name) if isinstance(name, str) else None
 
 
 def fill_hub_source(preset, data: dict) -> tuple[dict, bool]:
