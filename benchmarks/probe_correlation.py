@@ -191,7 +191,10 @@ def run_points(run: Path, args, others: list[Path]) -> tuple[list[dict], dict]:
                                args.tokens)
     refs = {k: reference(p, model, layers) for k, p in probes.items()}
     seconds = {k: [] for k in probes}
-    judged = Judged(recipe, args.data_dir, args.judge) if args.judge else None
+    # --judge N re-judges the runs that kept mid-stage adapters; stage ends of the others are read
+    # from their own retention.json (judged there on the run's full sets)
+    mid_stage = any(c["step"] is not None for c in checkpoints(run, stages))
+    judged = Judged(recipe, args.data_dir, args.judge) if args.judge and mid_stage else None
     if judged is not None:
         refusal_safety = judged(model, tokenizer)
         with adapters_off(layers):
@@ -258,8 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=6, help="answer tokens of the prefix and opening probes")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated probe kinds ({', '.join(KINDS)})")
     ap.add_argument("--judge", type=int, default=0, metavar="N",
-                    help="judge every checkpoint here on N prompts of the run's retention.harmful set (needed for "
-                         "mid-stage checkpoints); 0: stage ends only, judged values from retention.json")
+                    help="judge every checkpoint of the runs that kept mid-stage adapters here, on N prompts of "
+                         "the run's retention.harmful set (the other runs' stage ends: their own retention.json); 0: stage ends only, judged values from retention.json")
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_correlation"))
     args = ap.parse_args(argv)

@@ -39,7 +39,7 @@ overrides: any key of the recipe, list items by index (stages.0.data.limit=64). 
 parsed as YAML: numbers, true/false, [a, b] lists. `safecl schema` prints every key.
 exit codes: 0 done, 2 bad input (the message names file, line and key), 3 the retention gate
 halted the run, 130 interrupted (the message names the command that continues it).
-Results: <output_dir>/ (see README "The run directory"); `safecl audit` reads it. One process
+Results: <output_dir>/ (see docs/reference/run-directory.md); `safecl audit` reads it. One process
 writes a run directory at a time (a second one is refused with exit 2).
 """
 

@@ -34,11 +34,13 @@ Density = confloat(gt=0.0, le=1.0)
 class TinyModelConfig(Section):
     """A small Llama built from a config (random weights) with a byte-level tokenizer."""
 
-    hidden_size: PositiveInt = 64
-    intermediate_size: PositiveInt = 128
-    num_hidden_layers: PositiveInt = 2
-    num_attention_heads: PositiveInt = 4
-    num_key_value_heads: PositiveInt = 2
+    hidden_size: PositiveInt = Field(64, description="Hidden size of the tiny random model (builtin:tiny-llama).")
+    intermediate_size: PositiveInt = Field(128, description="MLP width of the tiny random model.")
+    num_hidden_layers: PositiveInt = Field(2, description="Decoder blocks of the tiny random model.")
+    num_attention_heads: PositiveInt = Field(4, description="Attention heads of the tiny random model.")
+    num_key_value_heads: PositiveInt = Field(
+        2, description="Key/value heads of the tiny random model (grouped-query attention)."
+    )
 
 
 class ModelConfig(Section):
@@ -49,9 +51,14 @@ class ModelConfig(Section):
     directory, or a Hugging Face hub id.
     """
 
-    name: str = "builtin:smollm2-135m-instruct"
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    name: str = Field(
+        "builtin:smollm2-135m-instruct", description="builtin:smollm2-135m-instruct (offline), builtin:tiny-llama "
+        "(random tiny model for tests), a local folder or a hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights (adapters train in float32)."
+    )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
@@ -64,16 +71,23 @@ class AdapterConfig(Section):
     earlier stage's.
     """
 
-    method: Literal["lora", "lori-d", "lori-s"] = "lori-s"
-    rank: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
+    method: Literal["lora", "lori-d", "lori-s"] = Field(
+        "lori-s", description="lora (A and B train), lori-d (A frozen random, B dense) or lori-s "
+        "(A frozen, B under a sparse mask per stage)."
+    )
+    rank: PositiveInt = Field(8, description="Adapter rank r of every adapted projection.")
+    alpha: PositiveFloat = Field(16.0, description="Scaling numerator: the update is (alpha / rank) B A.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
     )
     seed: int | None = Field(None, description="Seed of the frozen A projections (default: the recipe seed).")
-    dropout: confloat(ge=0.0, lt=1.0) = 0.0  # type: ignore[valid-type]
-    density: Density = Field(0.1, description="lori-s: share of B entries each stage owns (0.1 = 90% sparse).")  # type: ignore[valid-type]
+    dropout: confloat(ge=0.0, lt=1.0) = Field(  # type: ignore[valid-type]
+        0.0, description="Dropout on the adapter's input (0 keeps LoRI-S on its merged fast path)."
+    )
+    density: Density = Field(  # type: ignore[valid-type]
+        0.1, description="lori-s: share of B entries each stage owns (0.1 = 90% sparse)."
+    )
     calibration_steps: PositiveInt | None = Field(None, description="lori-s: dense steps used to find a mask.")
     calibration_fraction: confloat(gt=0.0, le=1.0) = Field(  # type: ignore[valid-type]
         0.1, description="lori-s: calibration length as a share of the stage's steps (if calibration_steps unset)."
@@ -101,35 +115,45 @@ class AdapterConfig(Section):
 class TrainSettings(Section):
     """Training settings; ``train`` holds defaults, each stage may override any of them."""
 
-    lr: PositiveFloat = 1e-4
-    epochs: PositiveFloat = 1.0
+    lr: PositiveFloat = Field(1e-4, description="Peak learning rate (AdamW).")
+    epochs: PositiveFloat = Field(1.0, description="Passes over the stage's data (max_steps overrides it).")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs when set.")
-    batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    max_seq_len: PositiveInt = 256
-    weight_decay: NonNegativeFloat = 0.0
-    warmup_ratio: confloat(ge=0.0, lt=1.0) = 0.0  # type: ignore[valid-type]
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    max_grad_norm: PositiveFloat | None = 1.0
-    log_every: PositiveInt = 1
+    batch_size: PositiveInt = Field(8, description="Examples per micro-batch (per process).")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    max_seq_len: PositiveInt = Field(
+        256, description="Tokens per example (prompt + response); longer examples are cut at the end."
+    )
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
+    warmup_ratio: confloat(ge=0.0, lt=1.0) = Field(  # type: ignore[valid-type]
+        0.0, description="Share of the stage's steps with a linear warmup from 0."
+    )
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="Gradient-norm clip (null: no clipping).")
+    log_every: PositiveInt = Field(1, description="Optimizer steps between two logged losses.")
     checkpoint_every: PositiveInt | None = Field(
         50, description="Write a resumable checkpoint every N optimizer steps (null: only at stage ends)."
     )
 
 
 class StageOverrides(Section):
-    lr: PositiveFloat | None = None
-    epochs: PositiveFloat | None = None
-    max_steps: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    grad_accum: PositiveInt | None = None
-    max_seq_len: PositiveInt | None = None
-    weight_decay: NonNegativeFloat | None = None
-    warmup_ratio: confloat(ge=0.0, lt=1.0) | None = None  # type: ignore[valid-type]
-    scheduler: Literal["constant", "linear", "cosine"] | None = None
-    max_grad_norm: PositiveFloat | None = None
-    log_every: PositiveInt | None = None
-    checkpoint_every: PositiveInt | None = None
+    lr: PositiveFloat | None = Field(None, description="This stage only: overrides train.lr.")
+    epochs: PositiveFloat | None = Field(None, description="This stage only: overrides train.epochs.")
+    max_steps: PositiveInt | None = Field(None, description="This stage only: overrides train.max_steps.")
+    batch_size: PositiveInt | None = Field(None, description="This stage only: overrides train.batch_size.")
+    grad_accum: PositiveInt | None = Field(None, description="This stage only: overrides train.grad_accum.")
+    max_seq_len: PositiveInt | None = Field(None, description="This stage only: overrides train.max_seq_len.")
+    weight_decay: NonNegativeFloat | None = Field(None, description="This stage only: overrides train.weight_decay.")
+    warmup_ratio: confloat(ge=0.0, lt=1.0) | None = Field(  # type: ignore[valid-type]
+        None, description="This stage only: overrides train.warmup_ratio."
+    )
+    scheduler: Literal["constant", "linear", "cosine"] | None = Field(
+        None, description="This stage only: overrides train.scheduler."
+    )
+    max_grad_norm: PositiveFloat | None = Field(None, description="This stage only: overrides train.max_grad_norm.")
+    log_every: PositiveInt | None = Field(None, description="This stage only: overrides train.log_every.")
+    checkpoint_every: PositiveInt | None = Field(None, description="This stage only: overrides train.checkpoint_every.")
 
 
 class StageConfig(StageOverrides):
@@ -139,7 +163,9 @@ class StageConfig(StageOverrides):
     kind: Literal["safety", "task"]
     data: DataConfig
     eval: TaskEvalConfig | None = Field(None, description="Held-out set scored after this and every later stage.")
-    density: Density | None = Field(None, description="lori-s: this stage's mask density (default adapter.density).")  # type: ignore[valid-type]
+    density: Density | None = Field(  # type: ignore[valid-type]
+        None, description="lori-s: this stage's mask density (default adapter.density)."
+    )
     replay: ReplayConfig | None = Field(None, description="Task stage: mix rows of the safety stage (or a source) in.")
     anchor: AnchorConfig | None = Field(None, description="Hold answers on anchor prompts to the model before the "
                                         "stage (safety stage: benign `prompts` held to the base model's answers).")
@@ -159,9 +185,9 @@ class StageConfig(StageOverrides):
 
 
 class Recipe(Section):
-    version: Literal[1] = CURRENT_VERSION
-    seed: int = 0
-    output_dir: str = "runs/run"
+    version: Literal[1] = Field(CURRENT_VERSION, description="Recipe format version (1).")
+    seed: int = Field(0, description="Seed of data order, masks, A projections (unless adapter.seed) and checks.")
+    output_dir: str = Field("runs/run", description="Run directory (relative to the working directory).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
