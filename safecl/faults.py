@@ -10,7 +10,8 @@ is not printed, and every fault point below raises it again, so the run stops at
 
 The environment variable ``SAFECL_FAULT="POINT[@N][:ACTION]"`` acts the N-th time (default:
 the first) the process reaches ``fault_point(POINT)``; unset, a fault point costs one dict
-lookup. ACTION is
+lookup. With ``SAFECL_FAULT_RANK=R`` only the process of rank R (``RANK`` as torchrun sets it)
+acts, the others go on (one rank of a distributed run dies or hangs). ACTION is
 
 - ``interrupt`` (default): raise KeyboardInterrupt there, as Ctrl-C would;
 - ``kill``: end the process at once with ``os._exit(137)``, as SIGKILL would (no ``finally``,
@@ -100,6 +101,9 @@ def fault_point(name: str, path: str | os.PathLike | None = None) -> None:
         return
     point, nth, action = parse(spec)
     if point != name:
+        return
+    rank = os.environ.get("SAFECL_FAULT_RANK")
+    if rank is not None and os.environ.get("RANK", "0") != rank:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] != nth:

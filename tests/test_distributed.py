@@ -3,7 +3,8 @@ through accelerate, finishes, and finds the same masks as a 1-process run, with 
 the retention check, split across the two processes and gathered, gives the same matrix. Under
 FSDP2 (accelerate_configs/fsdp_cpu.yaml) the base weights are really sharded, the written
 adapters equal the 1-process run's within 1e-6, and a run SIGKILLed mid-stage and resumed under
-FSDP ends bit-identical to an uninterrupted FSDP run."""
+FSDP ends bit-identical to an uninterrupted FSDP run; so does one where only one rank is
+SIGKILLed (the other exits: no hang)."""
 
 import importlib.util
 import json
@@ -147,3 +148,31 @@ def test_deepspeed_and_fsdp1_configs_are_refused_before_launch(tmp_path, capsys)
         err = capsys.readouterr().err
         assert rc == 2 and message in err and str(tmp_path / name) in err
         assert not (tmp_path / "run").exists()  # nothing launched
+
+
+def _resumed_equals(run, ref):
+    proc = _train(run, *FSDP, "train.checkpoint_every=2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at step" in proc.stdout
+    for d in STAGES:
+        a, b = _adapter(ref, d), _adapter(run, d)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{d}: resumed FSDP run differs from the uninterrupted one"
+
+
+def test_fsdp2_one_rank_sigkilled_mid_stage_the_other_exits_then_resume_equals_uninterrupted(tmp_path, fsdp):
+    """Only rank 1 dies (SIGKILL-like, mid-stage 1): rank 0 fails its next collective (the dead
+    peer's sockets close) and exits, the launcher exits non-zero; nothing hangs."""
+    run = tmp_path / "killed"
+    env = {**os.environ, "SAFECL_FAULT": "step@13:kill", "SAFECL_FAULT_RANK": "1", "SAFECL_COLLECTIVE_TIMEOUT": "60"}
+    proc = _train(run, *FSDP, "train.checkpoint_every=2", env=env)  # subprocess timeout: 600 s, a hang fails here
+    assert proc.returncode != 0
+    assert [s["name"] for s in json.loads((run / "run.json").read_text())["stages"]] == ["safety"]
+    _resumed_equals(run, fsdp[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -80,7 +80,8 @@ from safecl.evaluation.execution import Limits, run_sample
 got = []
 signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
 before = dict(os.environ)
-out = run_sample(sys.argv[2].replace("{TRAINER}", str(os.getpid())), Limits(timeout=5.0), sys.argv[1])
+# a generous timeout: on a loaded machine the sample is slow, which is no escape
+out = run_sample(sys.argv[2].replace("{TRAINER}", str(os.getpid())), Limits(timeout=30.0), sys.argv[1])
 print(json.dumps({"escaped": out.passed, "status": out.status, "signalled": bool(got),
                   "env_same": dict(os.environ) == before}))
 """

@@ -10,7 +10,8 @@ sample in new user, pid, network, ipc, uts, cgroup and mount namespaces, so that
 - writes only to ``/tmp``, a fresh tmpfs of ``Limits.scratch_mb`` that is also its working
   directory and ``HOME``, gone when it ends;
 - runs as uid / gid 65534 inside its user namespace, may not create further user namespaces
-  (``--disable-userns``), has no capabilities, and no network but its own loopback;
+  (``--disable-userns`` where bwrap has it, 0.8+; the seccomp filter below refuses unshare and
+  new processes anyway), has no capabilities, and no network but its own loopback;
 - has an environment of PATH, HOME, TMPDIR and LANG only: bwrap itself is started with that
   environment, because the sandbox's pid 1 is a copy of bwrap and ``/proc/1/environ`` would show
   whatever bwrap was started with (``--clearenv`` alone leaves the trainer's tokens there);
@@ -131,12 +132,19 @@ def bubblewrap_command(program_fd: int, scratch_mb: int) -> list[str]:
     tool = shutil.which("bwrap")
     if tool is None:
         raise RuntimeError(f"bubblewrap (bwrap) is not installed; {INSTALL}")
-    return [tool, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+    nested = ["--disable-userns"] if "--disable-userns" in _bwrap_help(tool) else []
+    return [tool, "--unshare-all", "--unshare-user", *nested, "--die-with-parent", "--new-session",
             *_binds(), "--proc", "/proc", "--dev", "/dev",
             "--size", str(scratch_mb * 2**20), "--tmpfs", SCRATCH, "--ro-bind-data", str(program_fd), SAMPLE,
             "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", SCRATCH,
             "--clearenv", *[a for k, v in ENV.items() for a in ("--setenv", k, v)],
             "--uid", "65534", "--gid", "65534", "--", interpreter(), "-I", "-S", "-B", SAMPLE]
+
+
+@lru_cache(maxsize=4)
+def _bwrap_help(tool: str) -> str:
+    proc = subprocess.run([tool, "--help"], capture_output=True, text=True, timeout=30)
+    return proc.stdout + proc.stderr
 
 
 @lru_cache(maxsize=1)

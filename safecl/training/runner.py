@@ -34,7 +34,7 @@ from safecl.recipe.schema import Recipe
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
-from safecl.training.sharding import fsdp_requested, local_share, refuse_deepspeed, shard_base
+from safecl.training.sharding import collective_timeout, fsdp_requested, local_share, refuse_deepspeed, shard_base
 from safecl.training.mechanisms import (DIRECTION_FILE, after_training, apply_replay, build_terms, check_sources,
                                         compute_direction, record_teachers)
 from safecl.training.probing import build_monitor, compute_probe_reference, probe_reference_outdated, record_probe
@@ -114,7 +114,7 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     out = Path(recipe.output_dir)
     command = command or f"safecl train {recipe_path}"
     refuse_deepspeed()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[collective_timeout()])
     with RunLock(out) if accelerator.is_main_process else nullcontext():
         return _run(recipe, recipe_path, accelerator, echo, resume, restart_from, command)
 

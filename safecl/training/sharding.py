@@ -23,11 +23,17 @@ optimizer step (``average_gradients``), the same average DDP takes, so with the 
 ``sum / global tokens`` the update equals a 1-process run's up to float summation order.
 Generation under sharding runs every forward on every rank in lockstep (``synced_gpus``), since
 each forward all-gathers weights.
+
+A rank that dies or hangs: every collective waits at most ``SAFECL_COLLECTIVE_TIMEOUT`` seconds
+(default 1800, torch's own), then raises in the ranks still alive, which exit; the launcher
+ends the rest. A rank killed outright closes its sockets, so gloo fails the survivors' next
+collective at once. ``--resume`` then continues from the last checkpoint, as after any crash.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,6 +47,20 @@ NO_DEEPSPEED = ("safecl does not run under DeepSpeed (ZeRO) yet: its engine step
                 "and wraps the model once, safecl adds a trainable part per stage. For a sharded base model use FSDP2 "
                 "(accelerate_configs/fsdp.yaml)")
 FSDP2_ONLY = "safecl shards with FSDP2: set `fsdp_config: {fsdp_version: 2}` (see accelerate_configs/fsdp.yaml)"
+
+
+def collective_timeout():
+    """accelerate's process-group settings with the bounded collective timeout (module doc)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    raw = os.environ.get("SAFECL_COLLECTIVE_TIMEOUT", "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ConfigError(f"SAFECL_COLLECTIVE_TIMEOUT={raw!r}: expected seconds (a number)") from None
+    if seconds <= 0:
+        raise ConfigError(f"SAFECL_COLLECTIVE_TIMEOUT={raw!r}: expected a positive number of seconds")
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
 
 
 def refuse_deepspeed() -> None:
