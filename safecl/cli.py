@@ -175,7 +175,8 @@ def time_line(out: Path) -> str | None:
     parts = []
     try:
         seconds = json.loads((out / "base_check.json").read_text())["seconds"]
-        parts.append("base check copied" if run.get("started_from") else f"base check {seconds:.0f} s")
+        copied = (run.get("started_from") or {}).get("retention_rows") == "copied"
+        parts.append("base check copied" if copied else f"base check {seconds:.0f} s")
     except (OSError, ValueError, KeyError, TypeError):
         pass
     for st in run.get("stages", []):

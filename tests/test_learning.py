@@ -120,6 +120,11 @@ def test_end_of_run_time_line_reads_each_stage_and_the_wall(tmp_path):
                    {"name": "math", "train_seconds": 60.0, "check_seconds": None}]}))
     assert time_line(tmp_path) == ("[safecl] time: base check 41 s | safety 180 s train + 40 s check | "
                                    "math 60 s train | wall 9m 12s")
+    run = json.loads((tmp_path / "run.json").read_text())
+    for rows, said in (("copied", "base check copied"), ("re-measured (retention settings differ)", "base check 41 s")):
+        run["started_from"] = {"run": "/elsewhere", "stage": "safety", "retention_rows": rows}
+        (tmp_path / "run.json").write_text(json.dumps(run))
+        assert time_line(tmp_path).startswith(f"[safecl] time: {said} |")
 
 
 def test_nll_columns_are_bounded_below_only():
