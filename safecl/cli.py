@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,27 @@ def relaunch(args) -> int:
     if args.restart_from:
         cmd += ["--restart-from", args.restart_from]
     print(f"[safecl] relaunching: {' '.join(cmd[2:])}", flush=True)
-    return subprocess.call(cmd)
+    # A Ctrl-C or SIGTERM that reaches only this process (kill -INT PID, a scheduler) is passed to
+    # the launcher, which ends its workers; this process waits for it (subprocess.call would
+    # return at once and leave the workers running).
+    launcher = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: launcher.send_signal(signal.SIGTERM))
+    interrupted = False
+    try:
+        while True:
+            try:
+                rc = launcher.wait()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+                launcher.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted:
+        print(f"\nsafecl: interrupted; committed stages are safe. Continue with: {train_command(args)} --resume",
+              file=sys.stderr)
+        return 130
+    return rc
 
 
 def cmd_data_list(args) -> int:

@@ -170,6 +170,34 @@ def test_fsdp2_one_rank_sigkilled_mid_stage_the_other_exits_then_resume_equals_u
     _resumed_equals(run, fsdp[0])
 
 
+def test_sigint_to_the_launcher_with_a_hung_rank_ends_every_process_and_names_the_resume(tmp_path):
+    """Rank 1 hangs (alive, in a wait) right after the start while rank 0 waits for it in a
+    collective; SIGINT to `safecl train --num-processes 2` alone (not its workers) ends them all
+    and names the command that continues (the resume itself: the SIGKILL test above)."""
+    import signal
+    import time
+
+    run, signals = tmp_path / "hung", tmp_path / "signals"
+    signals.mkdir()
+    env = {**os.environ, "SAFECL_FAULT": "started:wait", "SAFECL_FAULT_RANK": "1", "SAFECL_FAULT_DIR": str(signals),
+           "SAFECL_COLLECTIVE_TIMEOUT": "120"}
+    launcher = subprocess.Popen([sys.executable, "-m", "safecl", "train", str(SMOKE), f"output_dir={run}", *ARGS, *FSDP],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        while not (signals / "started.reached").exists():  # an event, polled
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.05)
+        hung = int((signals / "started.reached").read_text())
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=300)  # returns once every process holding its pipes has exited
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 130 and not _alive(hung)
+    assert f"Continue with: safecl train {SMOKE} output_dir={run}" in err and err.rstrip().endswith("--resume")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
