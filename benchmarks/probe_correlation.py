@@ -269,13 +269,13 @@ def main(argv=None) -> int:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not args.kinds or set(args.kinds) - set(KINDS):
         ap.error(f"--kinds: choose from {', '.join(KINDS)}")
-    torch.set_grad_enabled(False)
     points, metas = [], []
     runs = [r for r in args.runs if (r / "retention.json").is_file() and (r / "recipe.resolved.yaml").is_file()]
-    for run in runs:
-        pts, meta = run_points(run, args, [r for r in runs if r != run])
-        points += pts
-        metas += [meta] if meta else []
+    with torch.no_grad():  # scoped: main() is also called in-process (tests), grad mode must come back
+        for run in runs:
+            pts, meta = run_points(run, args, [r for r in runs if r != run])
+            points += pts
+            metas += [meta] if meta else []
     summaries = [s for s in (kind_summary(points, k, args.reps) for k in args.kinds) if s is not None]
     for s in summaries:
         s["seconds_per_call"] = _mean([m["seconds_per_call"].get(s["kind"]) for m in metas])

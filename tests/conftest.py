@@ -54,3 +54,17 @@ def train_smoke(tmp_path_factory, name: str, overrides: list[str]) -> Path:
     out = tmp_path_factory.mktemp(name) / "run"
     assert main(["train", str(SMOKE), f"output_dir={out}", *overrides]) == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state_is_left_as_found():
+    """A test that turns autograd off globally (or changes the default dtype) breaks tests that run
+    after it, far from the cause: fail the test that leaked it instead, and restore the state."""
+    import torch
+
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    yield
+    leaked = (torch.is_grad_enabled(), torch.get_default_dtype()) != (grad, dtype)
+    torch.set_grad_enabled(grad)
+    torch.set_default_dtype(dtype)
+    assert not leaked, "this test left torch's grad mode or default dtype changed"
