@@ -183,7 +183,10 @@ def test_sigint_to_the_launcher_with_a_hung_rank_ends_every_process_and_names_th
            "SAFECL_COLLECTIVE_TIMEOUT": "120"}
     launcher = subprocess.Popen([sys.executable, "-m", "safecl", "train", str(SMOKE), f"output_dir={run}", *ARGS, *FSDP],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+                                start_new_session=True,
+                                # a suite started in the background (`make test &`) inherits SIGINT ignored,
+                                # and an ignored signal stays ignored across exec: give the launcher Ctrl-C back
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not (signals / "started.reached").exists():  # an event, polled
             assert launcher.poll() is None, launcher.stderr.read()[-3000:]
