@@ -316,16 +316,21 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as ``main`` runs it; KEY=VALUE overrides may come after options
+    (safecl train r.yaml --dry-run train.lr=1e-4)."""
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may come after options (safecl train r.yaml --dry-run train.lr=1e-4)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except SafeclError as exc:

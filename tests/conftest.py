@@ -56,6 +56,17 @@ def train_smoke(tmp_path_factory, name: str, overrides: list[str]) -> Path:
     return out
 
 
+
+def two_stage_smoke(folder: Path) -> Path:
+    """The smoke recipe cut to its safety and arithmetic stages, written in ``folder``."""
+    import yaml
+
+    data = yaml.safe_load(SMOKE.read_text())
+    data["stages"] = data["stages"][:2]
+    path = folder / "two.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
 @pytest.fixture(autouse=True)
 def _torch_global_state_is_left_as_found():
     """A test that turns autograd off globally (or changes the default dtype) breaks tests that run

@@ -101,16 +101,9 @@ def command_of(argv: list[str]) -> str | None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse as ``safecl.cli.main`` does (overrides may follow options), without running."""
-    from safecl.cli import build_parser
+    from safecl.cli import parse_args
 
-    parser = build_parser(command_of(argv))
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = list(args.overrides) + extra
-    return args
+    return parse_args(argv)
 
 
 def train_safe_form(argv: list[str]) -> list[str]:

@@ -15,12 +15,11 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from safecl import faults
 from safecl.cli import main
-from tests.conftest import ROOT, SMOKE
+from tests.conftest import ROOT, two_stage_smoke
 
 FAST = ["train.max_steps=6", "train.checkpoint_every=2", "retention.harmful.limit=4", "retention.benign.limit=4",
         "retention.max_new_tokens=4", "stages.1.eval.limit=4"]
@@ -30,11 +29,7 @@ STAGES = ["00-safety", "01-arithmetic"]
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """The smoke recipe cut to its safety and arithmetic stages."""
-    data = yaml.safe_load(SMOKE.read_text())
-    data["stages"] = data["stages"][:2]
-    path = tmp_path_factory.mktemp("recipe") / "two.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return two_stage_smoke(tmp_path_factory.mktemp("recipe"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from safecl import faults
 from safecl.cli import main
 from safecl.integrity import verify_run
-from tests.conftest import ROOT, SMOKE
+from tests.conftest import ROOT, SMOKE, two_stage_smoke
 
 FAST = ["train.max_steps=4", "train.checkpoint_every=2", "adapter.calibration_steps=1", "retention.harmful.limit=2",
         "retention.benign.limit=2", "retention.max_new_tokens=2", "stages.1.eval.limit=2",
@@ -32,11 +32,7 @@ FAST = ["train.max_steps=4", "train.checkpoint_every=2", "adapter.calibration_st
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """The smoke recipe cut to its safety and arithmetic stages."""
-    data = yaml.safe_load(SMOKE.read_text())
-    data["stages"] = data["stages"][:2]
-    path = tmp_path_factory.mktemp("recipe") / "two.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return two_stage_smoke(tmp_path_factory.mktemp("recipe"))
 
 
 @pytest.fixture(scope="module")
