@@ -146,30 +146,51 @@ def test_dense_methods(tmp_path, arithmetic_file, method, a_trains):
     assert m0["trainable_params"] == B_numel + (A_numel if a_trains else 0)
 
 
-def test_merged_forward_equals_the_low_rank_sum_in_value_and_gradients():
-    """lori-s runs as one GEMM with W + s B A (adapters/layer.py, _MergedLinear): the output, the
-    input gradient and the trained values' gradient equal W x + s B (A x) within float error."""
+@pytest.mark.parametrize("method", ["lori-s", "lora"])
+def test_low_rank_function_equals_autograd_in_value_and_gradients(method):
+    """The hand-written low-rank function (adapters/layer.py, _LowRankLinear): the output and the
+    gradients of the input and of every trained tensor (B's entries; A too for lora) equal
+    autograd's on W x + s B (A x) within float error, for a 3-d input with a bias."""
     import torch.nn.functional as F
 
-    from safecl.adapters.layer import LoRILinear
+    from safecl.adapters.layer import LoRILinear, _LowRankLinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 40, bias=True)
     for p in base.parameters():
         p.requires_grad_(False)
-    layer = LoRILinear(base, "m", rank=4, alpha=8, seed=0)
+    layer = LoRILinear(base, "m", rank=4, alpha=8, seed=0, train_A=method == "lora")
     with torch.no_grad():
         layer.B_frozen.normal_()
-    layer.begin_sparse(torch.rand(40, 4) < 0.3)
-    with torch.no_grad():
-        layer.values.add_(torch.randn_like(layer.values))
+    if method == "lora":
+        layer.begin_dense()
+        with torch.no_grad():
+            layer.delta.normal_()
+        trained = [layer.A, layer.delta]
+    else:
+        layer.begin_sparse(torch.rand(40, 4) < 0.3)
+        with torch.no_grad():
+            layer.values.add_(torch.randn_like(layer.values))
+        trained = [layer.values]
     x = torch.randn(3, 7, 24, requires_grad=True)
-    out = layer(x)
-    gx, gv = torch.autograd.grad(out.pow(2).sum(), [x, layer.values])
+    calls = []
+    hook = _LowRankLinear.apply
+    _LowRankLinear.apply = lambda *a: calls.append(1) or hook(*a)
+    try:
+        out = layer(x)
+    finally:
+        _LowRankLinear.apply = hook
+    assert calls, "the layer did not take the hand-written path"
+    got = torch.autograd.grad(out.pow(2).sum(), [x, *trained])
     x2 = x.detach().clone().requires_grad_(True)
-    values = layer.values.detach().clone().requires_grad_(True)
-    B = layer.B_frozen.flatten().scatter(0, layer.index, values).view_as(layer.B_frozen)
-    ref = base(x2) + layer.scaling * F.linear(F.linear(x2, layer.A), B)
-    rx, rv = torch.autograd.grad(ref.pow(2).sum(), [x2, values])
+    ref_trained = [t.detach().clone().requires_grad_(True) for t in trained]
+    if method == "lora":
+        A, B = ref_trained[0], layer.B_frozen + ref_trained[1]
+    else:
+        A = layer.A
+        B = layer.B_frozen.flatten().scatter(0, layer.index, ref_trained[0]).view_as(layer.B_frozen)
+    ref = base(x2) + layer.scaling * F.linear(F.linear(x2, A), B)
+    want = torch.autograd.grad(ref.pow(2).sum(), [x2, *ref_trained])
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-5) and torch.allclose(gv, rv, atol=1e-4, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-4, rtol=1e-5)

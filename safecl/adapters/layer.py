@@ -113,15 +113,14 @@ class LoRILinear(nn.Module):
         return self.B_frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = W x + s B_eff (A x). With a frozen A (lori-*), no dropout and one dtype, as
-        :class:`_MergedLinear`: one GEMM with W + s B_eff A, the cheapest exact form; otherwise
-        (lora, dropout, a low-precision base) W x plus the low-rank product, s folded into B."""
+        """y = W x + s B_eff (A x). With a frozen base, no dropout and one dtype, through
+        :class:`_LowRankLinear` (the low-rank term added in place, a hand-written backward);
+        otherwise (dropout, a low-precision base) W x plus the low-rank product by autograd."""
         A = self.A if self.stage_enabled or self.A_start is None else self.A_start
         B = self.effective_B()
         w = self.base.weight
-        if (not self.train_A and not w.requires_grad and isinstance(self.dropout, nn.Identity)
-                and x.dtype == w.dtype == A.dtype):
-            return _MergedLinear.apply(x, w, self.base.bias, A, B, self.scaling)
+        if not w.requires_grad and isinstance(self.dropout, nn.Identity) and x.dtype == w.dtype == A.dtype:
+            return _LowRankLinear.apply(x, w, self.base.bias, A, B, self.scaling)
         y = self.base(x)
         h = F.linear(self.dropout(x).to(A.dtype), A)
         return y + F.linear(h, B * self.scaling).to(y.dtype)
@@ -130,29 +129,44 @@ class LoRILinear(nn.Module):
         return f"name={self.name}, rank={self.rank}, scaling={self.scaling:g}, train_A={self.train_A}, mode={self.mode}"
 
 
-class _MergedLinear(torch.autograd.Function):
-    """y = x (W + s B A)^T + bias for a frozen W and A, B trainable.
+class _LowRankLinear(torch.autograd.Function):
+    """y = x W^T + bias + s (x A^T) B^T for a frozen W; B (and A, for lora) trainable.
 
-    Forward: W_eff = W + s B A (out x r x in multiply-adds, tiny next to the T x in x out of the
-    product), then one GEMM; h = x A^T (T x r) is kept for the backward. Backward:
-    dL/dx = g W_eff (W_eff recomputed, not kept: out x in floats per call would double the
-    activation memory at scale) and dL/dB = s g^T h, one pass over g. Against W x + s B (A x)
-    this saves the T x out intermediate, its sum with W x and, in the backward, the pass g B and
-    the T x in sum into dL/dx. Same values up to float reassociation (tested within 1e-5)."""
+    Forward: h = x A^T (T x r), y = x W^T + bias, then y += s h B^T in place (one addmm into
+    the output the base GEMM just wrote: no T x out temporary, no W + s B A built). Backward,
+    g = dL/dy::
+
+        dL/dx = g W + s (g B) A        (g W is the frozen model's own input gradient)
+        dL/dB = s (h^T g)^T            dL/dA = s (g B)^T x   (lora only; x kept only then)
+
+    Why not one GEMM with W_eff = W + s B A (the form used before): building W_eff is an
+    out x in pass with an inner dimension of r, which BLAS runs far below its GEMM speed, and the
+    backward must build it again. Measured on SmolLM2-135M's seven projection shapes, 2 threads,
+    800 tokens: forward + backward of the adapted projections 1.56x the frozen projections' with
+    W_eff, 1.15x with this form (1.61x / 1.20x at 240 tokens, 2.67x / 1.32x at 16). Same values
+    as W x + s B (A x) up to float reassociation (tested within 1e-5)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling):
-        h = F.linear(x, A)
-        ctx.save_for_backward(h, weight, A, B)
+        x2 = x.reshape(-1, x.size(-1))
+        h = x2 @ A.t()
+        y = F.linear(x2, weight, bias)
+        y.addmm_(h, B.t(), alpha=scaling)
+        ctx.save_for_backward(h, weight, A, B, x2 if A.requires_grad else None)
         ctx.scaling = scaling
-        return F.linear(x, torch.addmm(weight, B, A, alpha=scaling), bias)
+        return y.view(*x.shape[:-1], y.size(-1))
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, A, B = ctx.saved_tensors
-        grad_x = grad_B = None
+        h, weight, A, B, x2 = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1))
+        s = ctx.scaling
+        grad_x = grad_A = grad_B = None
+        gB = g @ B if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ torch.addmm(weight, B, A, alpha=ctx.scaling)
+            grad_x = (g @ weight).addmm_(gB, A, alpha=s).view(*grad.shape[:-1], weight.size(1))
+        if ctx.needs_input_grad[3]:
+            grad_A = (gB.t() @ x2).mul_(s)
         if ctx.needs_input_grad[4]:
-            grad_B = (grad.reshape(-1, grad.size(-1)).t() @ h.reshape(-1, h.size(-1))) * ctx.scaling
-        return grad_x, None, None, None, grad_B, None
+            grad_B = (h.t() @ g).t().mul_(s)  # (h^T g)^T: BLAS runs this 2.4x faster than g^T h
+        return grad_x, None, None, grad_A, grad_B, None
