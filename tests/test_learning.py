@@ -2,6 +2,7 @@
 (with paired intervals), the gold-answer NLL against a direct teacher-forced computation, and
 multiple choice by log-likelihood against lm-evaluation-harness on the same model."""
 
+import json
 import math
 
 import numpy as np
@@ -260,3 +261,38 @@ def test_nll_data_scores_the_nll_on_other_rows_than_the_eval(model, tok, tmp_pat
     assert [e.name for e in result.evals] == ["refusal", "over_refusal", "task:sums", "nll:sums"]
     nll = result["nll:sums"]
     assert nll.n == 5 and nll.values == pytest.approx(gold_nll(model, tok, load(task.nll_data)), abs=1e-6)
+
+
+def _sequence_run(path, refusal, nll_after, nll_before=(1.0, 1.0, 1.0, 1.0)):
+    """A run directory with a retention.json of one task stage 'math' (nll:math over 4 examples)."""
+    rows = [{"stage": "safety", "scores": {"refusal": refusal[0], "over_refusal": 0.2},
+             "values": {"nll:math": list(nll_before)}},
+            {"stage": "math", "scores": {"refusal": refusal[1], "over_refusal": 0.25},
+             "values": {"nll:math": list(nll_after)}}]
+    path.mkdir()
+    (path / "retention.json").write_text(json.dumps(
+        {"version": 1, "safety_stage": "safety", "columns": ["refusal", "over_refusal", "nll:math"], "rows": rows,
+         "summary": {}}))
+    return f"{path.name}={path}"
+
+
+def test_sequence_table_gain_and_plasticity_against_hand_computation(tmp_path, capsys):
+    """benchmarks/sequence_table.py: gain = mean(before - after) for an NLL, plasticity = gain /
+    the reference's gain, retention = refusal / refusal after safety; no ratio against a
+    reference whose gain interval spans 0."""
+    from benchmarks.sequence_table import main
+
+    ref = _sequence_run(tmp_path / "plain", (0.8, 0.2), (0.6, 0.6, 0.6, 0.6))   # gain 0.4 on every example
+    run = _sequence_run(tmp_path / "anchor", (0.8, 0.8), (0.8, 0.8, 0.8, 0.8))  # gain 0.2
+    flat = _sequence_run(tmp_path / "flat", (0.8, 0.4), (0.9, 1.1, 0.9, 1.1))   # gain 0, interval spans it
+    assert main([ref, run, "--reference", "plain", "--reps", "200", "--out", str(tmp_path / "t")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    row = next(r for r in data["learning"] if r["run"] == "anchor")
+    assert row["gain"] == pytest.approx(0.2) and row["ratio"] == pytest.approx(0.5)
+    assert row["ratio_ci"] == pytest.approx([0.5, 0.5])
+    ret = {(r["run"], r["stage"]): r["retention"] for r in data["safety"]}
+    assert ret[("plain", "math")] == pytest.approx(0.25) and ret[("anchor", "math")] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert main([run, flat, "--reference", "flat", "--reps", "200", "--out", str(tmp_path / "u")]) == 0
+    data = json.loads((tmp_path / "u.json").read_text())
+    assert all(r["ratio"] is None for r in data["learning"])
