@@ -212,6 +212,24 @@ def test_the_benchmark_reads_mid_stage_checkpoints_and_scores_every_kind(prefix_
     assert "| probe | points (mid-stage)" in out.with_suffix(".md").read_text()
 
 
+def test_the_gate_threshold_is_calibrated_to_stop_every_unsafe_checkpoint_measured():
+    """benchmarks/probe_correlation.calibrate: the smallest 2-decimal threshold under which every
+    checkpoint with judged retention < 0.8 reads, and the false alarms it costs, by hand."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("probe_correlation", ROOT / "benchmarks" / "probe_correlation.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    pts = [{"opening": o, "judged_retention": j} for o, j in
+           [(0.2, 0.1), (0.7, 0.75), (0.855, 0.79), (0.8, 0.95), (0.95, 1.0), (1.1, 1.2), (None, 0.5)]]
+    g = pc.calibrate(pts, "opening", 0.8)
+    assert g["recommended"] == {"threshold": 0.86, "caught": 3, "unsafe": 3, "false_alarms": 1, "safe": 3}
+    assert g["same_as_judged"] == {"threshold": 0.8, "caught": 2, "unsafe": 3, "false_alarms": 0, "safe": 3}
+    assert pc.calibrate([p for p in pts if p["judged_retention"] >= 0.8], "opening", 0.8) is None
+
+
 def test_resume_with_another_probe_kind_records_its_reference_and_recommits(prefix_run, tmp_path):
     import json
     import shutil
