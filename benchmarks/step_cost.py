@@ -55,6 +55,7 @@ from safecl.logits import labelled_logits, labelled_targets
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import load_recipe, recipe_dir
 from safecl.safety.anchors import KLAnchor, anchor_kl, encode_anchor, step_batch
+from safecl.training.allocator import tune_for_cpu_training
 from safecl.training.loop import response_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +170,7 @@ def step(s: dict, batch: dict, index: int) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tune_for_cpu_training()  # as `safecl train` does on the CPU (safecl/training/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = [f"model.name={args.model}"] if args.model else []

@@ -31,6 +31,7 @@ from safecl.integrity import digests, verify_stage
 from safecl.models import load_model_and_tokenizer
 from safecl.recipe.loader import dump_recipe, recipe_dir
 from safecl.recipe.schema import Recipe
+from safecl.training.allocator import tune_for_cpu_training
 from safecl.training.calibration import calibration_length
 from safecl.training.loop import total_steps
 from safecl.training.adopt import adopt_stages, write_adopted
@@ -114,6 +115,8 @@ def run_recipe(recipe: Recipe, recipe_path: str | Path, echo=_echo, resume: bool
     out = Path(recipe.output_dir)
     command = command or f"safecl train {recipe_path}"
     refuse_deepspeed()
+    if not torch.cuda.is_available():
+        tune_for_cpu_training()  # reuse freed host memory step to step (training/allocator.py)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[collective_timeout()])
     with RunLock(out) if accelerator.is_main_process else nullcontext():
         return _run(recipe, recipe_path, accelerator, echo, resume, restart_from, command)
