@@ -22,7 +22,7 @@ DIRECTION = ("refusal_direction={harmful: {source: 'builtin:safety', where: {kin
              "harmless: {source: 'builtin:safety', where: {kind: benign}, limit: 12}}")
 FAST = ["train.max_steps=6", "adapter.calibration_steps=1", "retention.harmful.limit=4", "retention.benign.limit=4",
         "retention.max_new_tokens=4", "stages.1.eval.limit=4", "stages.2.eval.limit=4", DIRECTION,
-        "retention.probe={every: 1, limit: 8}"]
+        "retention.probe={kind: direction, every: 1, limit: 8}"]
 
 
 @pytest.fixture(scope="module")

@@ -251,24 +251,42 @@ def test_resume_with_another_probe_kind_records_its_reference_and_recommits(pref
 
 # ----------------------------------------------------------------------------- the gate may not trust an untracked probe
 
-PROBE_RECIPE = [*RUN_FAST, "retention.probe={every: 2, limit: 6}", "gate.watch=probe", "gate.min_probe_retention=0.5"]
+PROBE_RECIPE = [*RUN_FAST, "retention.probe={kind: direction, every: 2, limit: 6}", "gate.watch=probe",
+                "gate.min_probe_retention=0.5"]
 
 
 def test_a_watch_on_a_probe_that_does_not_track_the_judge_is_refused(tmp_path, capsys):
     from safecl.cli import main
-    from safecl.safety.config import MEASURED_SPEARMAN
+    from safecl.safety.config import MEASURED_SPEARMAN, TRACKS_JUDGE_RHO
     from tests.conftest import SMOKE
 
-    assert MEASURED_SPEARMAN["direction"] == 0.79  # benchmarks/results/probe_correlation.md, 15 checkpoints
+    rho = MEASURED_SPEARMAN["direction"]  # benchmarks/results/probe_kinds.md
+    assert rho < TRACKS_JUDGE_RHO
     assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'x'}", *PROBE_RECIPE, "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "would stop stages on the 'direction' probe alone" in err and "Spearman 0.79" in err
+    assert "would stop stages on the 'direction' probe alone" in err and f"Spearman {rho:.2f}" in err
     assert "visual aid" in err and "gate.watch_untracked" in err
-    kind = [*PROBE_RECIPE[:-3], "retention.probe={kind: opening}", *PROBE_RECIPE[-2:]]
-    assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'y'}", *kind, "--dry-run"]) == 2
-    assert "'opening' probe alone, but that probe has not been measured" in capsys.readouterr().err
     assert main(["train", str(SMOKE), f"output_dir={tmp_path / 'z'}", *PROBE_RECIPE, "gate.watch_untracked=true",
                  "--dry-run"]) == 0
+
+
+def test_the_default_probe_is_the_kind_that_tracks_the_judge_and_may_gate(tmp_path, capsys):
+    """The default kind is the best-tracking one measured, and gate.watch may act on it alone."""
+    from safecl.evaluation.config import ProbeConfig
+    from safecl.recipe import load_recipe
+    from safecl.safety.config import MEASURED_SPEARMAN, probe_tracks_judge
+    from tests.conftest import SMOKE
+
+    default = ProbeConfig().kind
+    assert default == max((k for k in MEASURED_SPEARMAN if MEASURED_SPEARMAN[k] is not None),
+                          key=MEASURED_SPEARMAN.__getitem__)
+    assert probe_tracks_judge(default)
+    recipe = load_recipe(SMOKE, [*RUN_FAST, "retention.probe={every: 2, limit: 6}", "gate.watch=probe",
+                                 "gate.min_probe_retention=0.5"])
+    assert recipe.retention.probe.kind == default and recipe.gate.watch == "probe"
+    with pytest.raises(Exception, match="retention.probe.kind: direction"):  # a classifier judge reads no openings
+        load_recipe(SMOKE, [*RUN_FAST, "retention.probe={every: 2}",
+                            "retention.judge={kind: classifier, model: some/classifier}"])
 
 
 def test_a_kind_measured_to_track_the_judge_may_gate(monkeypatch):

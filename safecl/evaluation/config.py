@@ -168,11 +168,13 @@ class ProbeConfig(Section):
     one forward pass over held-in harmful prompts, no generation. Needs ``refusal_direction``."""
 
     kind: Literal["direction", "prefix", "prefix-prob", "opening"] = Field(
-        "direction", description="What is read (safecl.safety.probe): direction = the last prompt token's "
-        "projection on the refusal direction; prefix = the mean per-token log-probability of each prompt's "
+        "opening", description="What is read (safecl.safety.probe): opening (the default) = the share of prompts "
+        "whose greedy first `tokens` tokens open a refusal by the judge's phrase list; direction = the last prompt "
+        "token's projection on the refusal direction; prefix = the mean per-token log-probability of each prompt's "
         "post-safety refusal opening (its first `tokens` answer tokens, teacher-forced); prefix-prob = the "
-        "probability of that whole opening; opening = the share of prompts whose greedy first `tokens` tokens "
-        "open a refusal by the judge's phrase list. Each is 0 on the base model and 1 after the safety stage.")
+        "probability of that whole opening. Each is 0 on the base model and 1 after the safety stage. `opening` "
+        "is the default because it tracks the judged check best (safecl.safety.config.MEASURED_SPEARMAN); it needs "
+        "the keyword judge.")
     every: PositiveInt = Field(25, description="Optimizer steps between two probes (plus one before the first step "
                                "and one at the stage end).")
     limit: PositiveInt = Field(16, description="Harmful prompts probed: the first N of refusal_direction.harmful.")

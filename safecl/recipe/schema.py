@@ -227,7 +227,7 @@ class Recipe(Section):
         if probe is not None and probe.kind in ("prefix", "prefix-prob", "opening") and \
                 self.retention.judge.kind != "keyword":
             raise ValueError(f"retention.probe.kind {probe.kind!r} decides refusal openings by the judge's phrase "
-                             "list; retention.judge.kind is 'classifier' (use kind: direction, or a keyword judge)")
+                             "list; retention.judge.kind is 'classifier': set retention.probe.kind: direction, or use a keyword judge")
         if self.gate.watch == "probe" and not probe_tracks_judge(probe.kind) and not self.gate.watch_untracked:
             rho = MEASURED_SPEARMAN.get(probe.kind)
             measured = ("has not been measured against the judged check" if rho is None

@@ -96,14 +96,15 @@ class RepairConfig(Section):
 PROBE_KINDS = ("direction", "prefix", "prefix-prob", "opening")
 
 # Spearman's rho between a kind's probe retention and judged refusal retention over the
-# checkpoints of benchmarks/probe_correlation.py (benchmarks/results/probe_correlation.md); None:
-# not measured yet. Filled in from that benchmark's output; a kind under TRACKS_JUDGE_RHO (or
-# unmeasured) does not stop a stage on its own (gate.watch; see Recipe validation).
+# checkpoints of benchmarks/probe_correlation.py (benchmarks/results/probe_kinds.md: 20 task-stage
+# ends of 14 runs, judged values from each run's retention.json);
+# None: not measured. A kind under TRACKS_JUDGE_RHO (or unmeasured) does not stop a stage on its
+# own (gate.watch; see Recipe validation).
 MEASURED_SPEARMAN: dict[str, float | None] = {
-    "direction": 0.79,  # 15 task-stage ends of 14 runs, 95% CI [0.40, 0.96]
-    "prefix": None,
-    "prefix-prob": None,
-    "opening": None,
+    "direction": 0.43,
+    "prefix": 0.75,
+    "prefix-prob": 0.77,
+    "opening": 0.91,
 }
 TRACKS_JUDGE_RHO = 0.9
 
