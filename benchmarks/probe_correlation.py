@@ -237,6 +237,20 @@ def _f(v) -> str:
     return "  none" if v is None else f"{v:6.3f}"
 
 
+def distinct(points: list[dict]) -> list[dict]:
+    """The points that are distinct models: a task stage's step-0 adapter is the model before the
+    stage (the previous stage's end, or the safety stage), and its last kept step is its end (the
+    probe also runs at the stage end), so both are dropped where the stage's end is read too."""
+    ends = {(p["run"], p["stage"]) for p in points if p["step"] is None}
+    last = {}
+    for p in points:
+        if p["step"] is not None:
+            key = (p["run"], p["stage"])
+            last[key] = max(last.get(key, -1), p["step"])
+    return [p for p in points if p["step"] is None or (
+        (p["run"], p["stage"]) not in ends or (p["step"] != 0 and p["step"] != last[(p["run"], p["stage"])]))]
+
+
 def kind_summary(points: list[dict], kind: str, reps: int) -> dict | None:
     pts = [p for p in points if p.get(kind) is not None and p["judged_retention"] is not None]
     if len(pts) < 3:
@@ -279,7 +293,7 @@ def calibrate(points: list[dict], kind: str, min_retention: float) -> dict | Non
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="finished run directories")
+    ap.add_argument("runs", nargs="*", type=Path, help="finished run directories")
     ap.add_argument("--data-dir", type=Path, default=Path("recipes"),
                     help="the directory the runs' relative data paths were written against (their recipes' folder)")
     ap.add_argument("--limit", type=int, default=64, help="probe prompts per run")
@@ -289,6 +303,8 @@ def main(argv=None) -> int:
                     help="judge every checkpoint of the runs that kept mid-stage adapters here, on N prompts of "
                          "the run's retention.harmful set (the other runs' stage ends: their own retention.json); 0: stage ends only, judged values from retention.json")
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--summarise", type=Path, default=None, metavar="JSON",
+                    help="recompute the tables from an earlier run's .json (its points_read, else points) and exit")
     ap.add_argument("--min-retention", type=float, default=0.8,
                     help="judged retention under which a checkpoint should be stopped (gate.min_retention), for the "
                          "calibration of gate.min_probe_retention")
@@ -297,6 +313,12 @@ def main(argv=None) -> int:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not args.kinds or set(args.kinds) - set(KINDS):
         ap.error(f"--kinds: choose from {', '.join(KINDS)}")
+    if args.summarise is not None:
+        doc = json.loads(args.summarise.read_text())
+        settings = doc["settings"]  # as measured, not this command line's
+        args.limit, args.tokens = settings["limit"], settings["tokens"]
+        args.judge = settings["judge"] if isinstance(settings["judge"], int) else 0
+        return summarise(args, doc.get("points_read", doc["points"]), doc["runs"])
     points, metas = [], []
     runs = [r for r in args.runs if (r / "retention.json").is_file() and (r / "recipe.resolved.yaml").is_file()]
     with torch.no_grad():  # scoped: main() is also called in-process (tests), grad mode must come back
@@ -304,6 +326,13 @@ def main(argv=None) -> int:
             pts, meta = run_points(run, args, [r for r in runs if r != run])
             points += pts
             metas += [meta] if meta else []
+    return summarise(args, points, metas)
+
+
+def summarise(args, points: list[dict], metas: list[dict]) -> int:
+    """Correlations, calibration and the .md/.json/.png of ``points`` (the distinct ones count)."""
+    read = points
+    points = distinct(points)
     summaries = [s for s in (kind_summary(points, k, args.reps) for k in args.kinds) if s is not None]
     for s in summaries:
         s["seconds_per_call"] = _mean([m["seconds_per_call"].get(s["kind"]) for m in metas])
@@ -312,7 +341,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"settings": {"limit": args.limit, "tokens": args.tokens, "judge": args.judge or "retention.json"},
-         "summaries": summaries, "runs": metas, "points": points}, indent=1))
+         "summaries": summaries, "runs": metas, "points": points, "points_read": read}, indent=1))
     args.out.with_suffix(".md").write_text(_markdown(args, summaries, points))
     if summaries:
         _plot(points, summaries, args.out.with_suffix(".png"))

@@ -199,16 +199,26 @@ def test_the_benchmark_reads_mid_stage_checkpoints_and_scores_every_kind(prefix_
     pc.main([str(prefix_run), "--data-dir", str(SMOKE.parent), "--limit", "6", "--tokens", "4", "--judge", "4",
              "--reps", "50", "--out", str(out)])
     doc = json.loads(out.with_suffix(".json").read_text())
-    steps = [(p["stage"], p["step"]) for p in doc["points"]]
+    read = doc["points_read"]
+    steps = [(p["stage"], p["step"]) for p in read]
     assert steps == [("arithmetic", 0), ("arithmetic", 2), ("arithmetic", 4), ("arithmetic", None),
                      ("sentiment", 0), ("sentiment", 2), ("sentiment", 4), ("sentiment", None)]
-    for p in doc["points"]:
+    for p in read:
         assert {"direction", "prefix", "prefix-prob", "opening", "judged_retention"} <= set(p)
-    # the arithmetic stage's last kept adapter is its end: the same model, the same readings
-    assert doc["points"][2]["prefix-prob"] == pytest.approx(doc["points"][3]["prefix-prob"], abs=1e-6)
+    # the arithmetic stage's last kept adapter is its end, and the sentiment stage's step 0 is that
+    # end too: the same model, the same readings, so the correlation counts each model once
+    assert read[2]["prefix-prob"] == pytest.approx(read[3]["prefix-prob"], abs=1e-6)
+    assert read[4]["prefix-prob"] == pytest.approx(read[3]["prefix-prob"], abs=1e-6)
+    assert [(p["stage"], p["step"]) for p in doc["points"]] == [("arithmetic", 2), ("arithmetic", None),
+                                                                 ("sentiment", 2), ("sentiment", None)]
     # the run's own probe read the same thing mid-stage as the benchmark does from the kept adapter
     run_curve = json.loads((prefix_run / "stages" / "01-arithmetic" / "metrics.json").read_text())["probe"]["points"]
-    assert doc["points"][1]["prefix-prob"] == pytest.approx(run_curve[1][1], abs=1e-4)
+    assert read[1]["prefix-prob"] == pytest.approx(run_curve[1][1], abs=1e-4)
+    # the tables can be rebuilt from the .json alone, with the settings it was measured with
+    again = tmp_path / "again"
+    assert pc.main(["--summarise", str(out.with_suffix(".json")), "--reps", "50", "--out", str(again)]) in (0, 1)
+    assert json.loads(again.with_suffix(".json").read_text())["points"] == doc["points"]
+    assert json.loads(again.with_suffix(".json").read_text())["settings"] == doc["settings"]
     assert "| probe | points (mid-stage)" in out.with_suffix(".md").read_text()
 
 
