@@ -213,7 +213,7 @@ def run_points(run: Path, args, others: list[Path]) -> tuple[list[dict], dict]:
             refusal = {r["stage"]: r["scores"]["refusal"] for r in retention["rows"]}.get(c["stage"])
         if refusal is None:
             continue
-        point = {"run": run.name, "stage": c["stage"], "step": c["step"], "method": a.method, "refusal": refusal,
+        point = {"run": args.labels[run], "stage": c["stage"], "step": c["step"], "method": a.method, "refusal": refusal,
                  "judged_retention": refusal / refusal_safety if refusal_safety else None,  # None: never refused
                  "judged_normalised": None if refusal_base is None or refusal_safety == refusal_base
                  else (refusal - refusal_base) / (refusal_safety - refusal_base)}
@@ -223,9 +223,9 @@ def run_points(run: Path, args, others: list[Path]) -> tuple[list[dict], dict]:
             seconds[kind].append(time.perf_counter() - start)
         points.append(point)
         where = "end" if c["step"] is None else f"step {c['step']}"
-        print(f"  {run.name:<28} {c['stage']:<12} {where:<10} judged {_f(point['judged_retention'])}  "
+        print(f"  {args.labels[run]:<28} {c['stage']:<12} {where:<10} judged {_f(point['judged_retention'])}  "
               + "  ".join(f"{k} {_f(point[k])}" for k in probes), flush=True)
-    meta = {"run": run.name, "n_probe": len(prompts), "n_judged": len(judged.prompts) if judged else None,
+    meta = {"run": args.labels[run], "n_probe": len(prompts), "n_judged": len(judged.prompts) if judged else None,
             "references": {k: {"base": v["base"], "safety": v["safety"]} for k, v in refs.items()},
             "prefix_rows": len(recorded.get("rows", [])), "prefix_rows_are": recorded.get("rows_are"),
             "refusal_base": refusal_base, "refusal_safety": refusal_safety,
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
         return summarise(args, doc.get("points_read", doc["points"]), doc["runs"])
     points, metas = [], []
     runs = [r for r in args.runs if (r / "retention.json").is_file() and (r / "recipe.resolved.yaml").is_file()]
+    names = [r.name for r in runs]  # a run is named by its folder, with its parent's where two folders share a name
+    args.labels = {r: r.name if names.count(r.name) == 1 else f"{r.parent.name}/{r.name}" for r in runs}
     with torch.no_grad():  # scoped: main() is also called in-process (tests), grad mode must come back
         for run in runs:
             pts, meta = run_points(run, args, [r for r in runs if r != run])
