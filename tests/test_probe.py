@@ -77,6 +77,10 @@ def test_probe_retention_is_0_for_base_and_1_after_safety(watched_free):
     p2 = json.loads((watched_free / "stages" / "02-sentiment" / "metrics.json").read_text())["probe"]
     assert [p[0] for p in p1["points"]] == list(range(7)) and p1["probes"] == 7
     assert p2["points"][0][1] == pytest.approx(p1["points"][-1][1], abs=1e-5)
+    # ... so step 0 is not probed again: the first task stage takes the post-safety reading (1 by
+    # construction), the next one its predecessor's last reading, both on the same adapter bit for bit
+    assert p1["points"][0][1] == 1.0 and p1["measured"] == 6
+    assert p2["points"][0][1] == p1["points"][-1][1] and p2["measured"] == p2["probes"] - 1
     assert p1["seconds"] > 0 and 0 < p1["share_of_stage_time"]
 
 
@@ -138,3 +142,35 @@ def test_correlation_benchmark_math_against_hand_values():
     assert abs(pc.pearson([1, 2, 3], [2, 4, 7]) - 0.9933992677987828) < 1e-12
     lo, hi = pc.bootstrap_rho([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 6, 5], reps=200)
     assert -1.0 <= lo <= 0.943 <= hi <= 1.0
+
+
+def test_step_0_reuses_a_reading_only_on_the_same_adapter_bit_for_bit():
+    """ProbeMonitor(start=(fingerprint, reading)): step 0 takes the reading when the adapter's
+    fingerprint matches, and measures when a single B entry differs."""
+    from safecl.adapters.layer import LoRILinear
+    from safecl.safety.probe import ProbeMonitor, adapter_fingerprint
+
+    base = torch.nn.Linear(6, 4)
+    layers = {"m": LoRILinear(base, "m", rank=2, alpha=4, seed=0)}
+    with torch.no_grad():
+        layers["m"].B_frozen.normal_()
+
+    class Counting:  # the probe interface: score(model) -> s(M); counts its calls
+        calls = 0
+
+        def score(self, model):
+            Counting.calls += 1
+            return 0.5
+
+    ref = {"base": 0.0, "safety": 1.0}
+    fp = adapter_fingerprint(layers)
+    monitor = ProbeMonitor(Counting(), layers, ref, every=2, start=(fp, 0.9))
+    monitor(None, 0, False)
+    assert monitor.points == [[0, 0.9]] and Counting.calls == 0 and monitor.measured == 0
+    monitor(None, 2, True)
+    assert monitor.points[-1] == [2, 0.5] and monitor.end == (fp, 0.5) and monitor.measured == 1
+    with torch.no_grad():
+        layers["m"].B_frozen[0, 0] += 1e-6
+    other = ProbeMonitor(Counting(), layers, ref, every=2, start=(fp, 0.9))
+    other(None, 0, False)
+    assert other.points == [[0, 0.5]] and Counting.calls == 2

@@ -56,6 +56,7 @@ stage start at worst) and ends the stage there. The monitor records its seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -212,20 +213,42 @@ def probe_retention(score: float, ref: dict) -> float | None:
     return (score - ref["base"]) / gap if abs(gap) > 1e-12 else None
 
 
+def adapter_fingerprint(layers: dict) -> str | None:
+    """sha256 over every layer's effective B (and A where it trains), in name order: two equal
+    fingerprints are the same adapter bit for bit, hence the same probe reading (every kind is a
+    deterministic function of the model). None for sharded tensors (FSDP2): never equal."""
+    h = hashlib.sha256()
+    for name in sorted(layers):
+        layer = layers[name]
+        for t in (layer.effective_B(), layer.A) if layer.train_A else (layer.effective_B(),):
+            if type(t).__name__ == "DTensor":
+                return None
+            h.update(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 class ProbeMonitor:
     """``monitor(model, step, last) -> stop?``, called by the training loop (step 0 = before the
     first step); see the module doc. ``probe``: one of the kinds' probes (``score(model)``);
     ``ref``: its stored reference. ``points``: [step, probe retention] in step order.
-    ``keep(step)``: called after each probe (the runner keeps the adapter there when asked)."""
+    ``keep(step)``: called after each probe (the runner keeps the adapter there when asked).
+    ``start``: (fingerprint, reading) of a probe already read on some adapter (the previous stage's
+    end, or the post-safety reference); when the adapter at step 0 has that fingerprint, step 0
+    takes that reading instead of measuring it again (a stage starts where the last one ended, so
+    this saves one probe per stage). ``end``: the same pair for the stage's last reading."""
 
     name = "probe"
 
     def __init__(self, probe, layers: dict, ref: dict, every: int, threshold: float | None = None,
-                 action: str = "halt", role: str = "early warning", keep: Callable[[int], None] | None = None):
+                 action: str = "halt", role: str = "early warning", keep: Callable[[int], None] | None = None,
+                 start: tuple[str, float | None] | None = None):
         self.probe, self.layers, self.ref = probe, layers, ref
         self.every, self.threshold, self.action, self.role, self.keep = every, threshold, action, role, keep
+        self.start = start  # (adapter fingerprint, probe retention) read on that exact adapter earlier
+        self.end: tuple[str, float | None] | None = None
         self.points: list[list[float]] = []
         self.seconds = 0.0
+        self.measured = 0
         self.fired: dict | None = None
         self._good: tuple[int, list[torch.Tensor]] | None = None
 
@@ -233,12 +256,16 @@ class ProbeMonitor:
         start = time.perf_counter()
         value = probe_retention(self.probe.score(model), self.ref)
         self.seconds += time.perf_counter() - start
+        self.measured += 1
         return value
 
     def __call__(self, model, step: int, last: bool) -> bool:
         if step % self.every and not last:
             return False
-        value = self.measure(model)
+        carried = step == 0 and self.start is not None and self.start[0] == adapter_fingerprint(self.layers)
+        value = self.start[1] if carried else self.measure(model)
+        if last:
+            self.end = (adapter_fingerprint(self.layers), value)
         self.points.append([step, value])
         if self.keep is not None:
             self.keep(step)
@@ -256,12 +283,13 @@ class ProbeMonitor:
         return True
 
     def state(self) -> dict:
-        return {"points": self.points, "seconds": self.seconds}
+        return {"points": self.points, "seconds": self.seconds, "measured": self.measured}
 
     def load_state(self, state: dict) -> None:
         """Resume: the points so far; the rollback target becomes the resume point when the last
         probe was at or above the threshold (the tensors of earlier probed steps are not stored)."""
         self.points, self.seconds = [list(p) for p in state["points"]], state["seconds"]
+        self.measured = state.get("measured", len(self.points))
         if self.points and self.threshold is not None and (self.points[-1][1] or 0) >= self.threshold:
             self._good = (int(self.points[-1][0]), [p.detach().clone() for p in trainable_parameters(self.layers)])
 
@@ -270,6 +298,7 @@ class ProbeMonitor:
         ``visual aid`` (it is not: the curve is drawn, and the gate acts on it only where the
         recipe says ``gate.watch_untracked: true``)."""
         return {"every": self.every, **self.probe.describe(), "role": self.role, "prompts": self.ref.get("n"),
-                "points": self.points, "probes": len(self.points), "seconds": round(self.seconds, 3),
+                "points": self.points, "probes": len(self.points), "measured": self.measured,
+                "seconds": round(self.seconds, 3),
                 "share_of_stage_time": self.seconds / train_seconds if train_seconds else None,
                 "threshold": self.threshold, "fired": self.fired}

@@ -26,8 +26,8 @@ from safecl.evaluation.generation import generate
 from safecl.evaluation.judges import KeywordJudge
 from safecl.safety.config import probe_tracks_judge
 from safecl.safety.direction import load_direction
-from safecl.safety.probe import (PROBE_FILE, DirectionProbe, OpeningProbe, PrefixProbe, ProbeMonitor, load_reference,
-                                 reference, save_reference)
+from safecl.safety.probe import (PROBE_FILE, DirectionProbe, OpeningProbe, PrefixProbe, ProbeMonitor, adapter_fingerprint,
+                                 load_reference, probe_retention, reference, save_reference)
 from safecl.training.rundir import stage_dir
 
 DIRECTION_FILE = "refusal_direction.safetensors"
@@ -107,6 +107,8 @@ def compute_probe_reference(ctx, base_dir: Path, sdir: Path, direction: dict | N
         ref["tokens"] = cfg.tokens
     ref.update(reference(make_probe(ctx, ref, prompts, direction, sdir), ctx.model, ctx.layers))
     ref["seconds"] = round(time.perf_counter() - start, 3)
+    # the post-safety adapter reads s(safety) by construction: the first task stage's step 0 needs no probe
+    ctx.probe_carry = (adapter_fingerprint(ctx.layers), probe_retention(ref["safety"], ref))
     if ctx.main:
         save_reference(sdir / PROBE_FILE, ref)
     return ref
@@ -152,16 +154,17 @@ def build_monitor(ctx, index: int, base_dir: Path) -> ProbeMonitor | None:
     watch = gate.watch == "probe"
     return ProbeMonitor(probe, ctx.layers, ref, cfg.every, threshold=gate.min_probe_retention if watch else None,
                         action=gate.watch_action, role="early warning" if probe_tracks_judge(cfg.kind) else "visual aid",
-                        keep=_keeper(ctx, index) if cfg.keep_adapters else None)
+                        keep=_keeper(ctx, index) if cfg.keep_adapters else None, start=ctx.probe_carry)
 
 
-def record_probe(monitor: ProbeMonitor | None, metrics: dict, echo) -> dict | None:
+def record_probe(ctx, monitor: ProbeMonitor | None, metrics: dict, echo) -> dict | None:
     """After a task stage: its probe curve and cost into ``metrics["probe"]``; returns what the
     mid-stage gate did ({step, probe_retention, threshold, action, restored_step?}) or None."""
     if monitor is None:
         return None
     probe = monitor.summary(metrics["train"]["seconds"])
     metrics["probe"] = probe
+    ctx.probe_carry = monitor.end
     last = probe["points"][-1][1] if probe["points"] else None
     share = probe["share_of_stage_time"]
     echo(f"[safecl] refusal probe ({probe['kind']}, {probe['role']}): {probe['probes']} probes, last "

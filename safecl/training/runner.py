@@ -234,7 +234,7 @@ def _run(recipe: Recipe, recipe_path, accelerator, echo, resume: bool, restart_f
         mask = train_stage(ctx, plan, encoded, owned, metrics, sdir, ckpt, terms=terms, sensitivity=sensitivity,
                            monitors=[monitor] if monitor else None)
         record_teachers(terms, metrics)
-        watched = record_probe(monitor, metrics, echo)
+        watched = record_probe(ctx, monitor, metrics, echo)
         safety_B = after_training(ctx, plan.index, before, safety_B, base_dir, sdir, metrics, echo)
         save_stage = _stage_writer(main, layers, recipe, sdir, stage, plan)
         save_stage(metrics, mask)

@@ -55,6 +55,7 @@ class RunContext:
     shapes: dict[str, tuple[int, int]]
     capacity: int
     main: bool
+    probe_carry: tuple | None = None  # (adapter fingerprint, probe retention) of the last probe reading
 
 
 def train_stage(ctx: RunContext, plan, encoded, owned: list[dict], metrics: dict, sdir: Path,
