@@ -164,8 +164,9 @@ class TaskEvalConfig(DataConfig):
 
 
 class ProbeConfig(Section):
-    """The refusal probe (safecl.safety.probe): probe retention measured during task stages from
-    one forward pass over held-in harmful prompts, no generation. Needs ``refusal_direction``."""
+    """The refusal probe (safecl.safety.probe): probe retention measured during task stages on
+    held-in harmful prompts, a few greedy tokens each (``opening``) or one forward pass (the other
+    kinds), never a full generation. Needs ``refusal_direction`` (its harmful prompts are probed)."""
 
     kind: Literal["direction", "prefix", "prefix-prob", "opening"] = Field(
         "opening", description="What is read (safecl.safety.probe): opening (the default) = the share of prompts "
@@ -177,10 +178,14 @@ class ProbeConfig(Section):
         "the keyword judge.")
     every: PositiveInt = Field(25, description="Optimizer steps between two probes (plus one before the first step "
                                "and one at the stage end).")
-    limit: PositiveInt = Field(16, description="Harmful prompts probed: the first N of refusal_direction.harmful.")
+    limit: PositiveInt = Field(64, description="Harmful prompts probed: the first N of refusal_direction.harmful. "
+                               "The reading is a share of them, so fewer prompts read coarser steps (the correlation "
+                               "with the judge was measured at 64; at 32 the quickstart's last reading missed the "
+                               "judged retention by 0.37).")
     tokens: PositiveInt = Field(6, description="prefix, prefix-prob, opening: answer tokens read per prompt "
                                 "(the recorded opening's length; the greedy steps of `opening`).")
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = Field(64, description="Probe prompts decoded together (64 prompts: 2.50 s per call "
+                                    "at 64, 3.27 s at 16, SmolLM2-135M on 2 CPU cores).")
     keep_adapters: bool = Field(
         False, description="Keep the cumulative adapter at every probed step in <stage dir>/probe_adapters/"
         "step-NNNNNN/ (PEFT format), so benchmarks/probe_correlation.py can judge mid-stage checkpoints. "
