@@ -2,6 +2,8 @@
 
     python benchmarks/sequence_table.py anchor=runs/3task/s0-anchor lori-s=runs/3task/s0-lori-s \\
         lora=runs/3task/s0-lora --reference lori-s --out benchmarks/results/three_task
+    python benchmarks/sequence_table.py anchor=runs/3task/s0-anchor,runs/3task/s1-anchor \\
+        lori-s=runs/3task/s0-lori-s,runs/3task/s1-lori-s --reference lori-s     # two seeds
 
 Each ``NAME=RUN`` is a finished safecl run of the same recipe's stages (same checks: the same
 prompts and test examples, in the same order). Read from each run's ``retention.json`` only (the
@@ -17,6 +19,11 @@ Intervals: 95% percentile bootstrap over the check's examples, resampled jointly
 is printed only where the reference's gain interval excludes 0 (a reference that learned
 nothing measurable has no ratio). Retention = refusal / refusal after the safety stage, as the
 gate reads it. Written: ``--out`` .md and .json.
+
+Seeds: ``NAME=RUN0,RUN1,...`` lists one run per seed; the k-th run of every name is compared with
+the k-th run of the reference (the same seed's plain run, from the same safety stage), and a first
+table gives, per name and stage, the mean over seeds and each seed's value (retention,
+over-refusal, each column's gain and plasticity ratio). Every name lists the same number of runs.
 """
 
 from __future__ import annotations
@@ -125,6 +132,55 @@ def markdown(safety: list[dict], learning: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(safety: list[dict], learning: list[dict], reference: str) -> list[dict]:
+    """Per (run, stage) over seeds: retention and over-refusal; per (run, stage, column): gain and
+    plasticity ratio. Each entry: the mean and the per-seed values (seed order of the command)."""
+    out = []
+    keys = list(dict.fromkeys((r["run"], r["stage"]) for r in safety))
+    for name, stage in keys:
+        rows = [r for r in safety if (r["run"], r["stage"]) == (name, stage)]
+        out.append({"run": name, "stage": stage, "what": "retention",
+                    "seeds": [r["retention"] for r in rows], "over_refusal": [r["over_refusal"] for r in rows]})
+    keys = list(dict.fromkeys((r["run"], r["stage"], r["column"]) for r in learning))
+    for name, stage, column in keys:
+        rows = [r for r in learning if (r["run"], r["stage"], r["column"]) == (name, stage, column)]
+        out.append({"run": name, "stage": stage, "what": column, "gain": [r["gain"] for r in rows],
+                    "ratio": None if name == reference else [r["ratio"] for r in rows],
+                    "ratio_ci": None if name == reference else [r["ratio_ci"] for r in rows]})
+    for e in out:
+        for k in ("seeds", "over_refusal", "gain", "ratio"):
+            vals = e.get(k)
+            if vals and all(v is not None for v in vals):
+                e[f"{k}_mean"] = _mean(vals)
+    return out
+
+
+def _seeds(vals: list | None, fmt: str) -> str:
+    if not vals or any(v is None for v in vals):
+        return "-"
+    mean = format(_mean(vals), fmt)
+    return mean if len(vals) == 1 else f"{mean} ({' / '.join(format(v, fmt) for v in vals)})"
+
+
+def seed_markdown(summary: list[dict], reference: str, n_seeds: int) -> str:
+    """Mean over the seeds, each seed's value in brackets."""
+    safety = [e for e in summary if e["what"] == "retention"]
+    lines = [f"Mean over {n_seeds} seeds (each seed's value in brackets):", "",
+             "| run | after | retention | over-refusal |", "|---|---|---|---|"]
+    first = {}
+    for e in safety:
+        first.setdefault(e["run"], e["stage"])
+        ret = "-" if e["stage"] == first[e["run"]] else _seeds(e["seeds"], ".2f")
+        lines.append(f"| {e['run']} | {e['stage']} | {ret} | {_seeds(e['over_refusal'], '.2f')} |")
+    lines += ["", f"| stage | score | run | gain | plasticity vs {reference} |", "|---|---|---|---|---|"]
+    for e in summary:
+        if e["what"] == "retention":
+            continue
+        ratio = "(reference)" if e["run"] == reference else _seeds(e["ratio"], ".2f")
+        lines.append(f"| {e['stage']} | {e['what']} | {e['run']} | {_seeds(e['gain'], '+.3f')} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", metavar="NAME=RUN", help="a label and a finished run directory")
@@ -132,23 +188,37 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    runs = {}
+    paths: dict[str, list[str]] = {}
     for item in args.runs:
-        name, sep, path = item.partition("=")
-        if not sep or not (Path(path) / "retention.json").is_file():
-            ap.error(f"{item}: expected NAME=RUN with RUN/retention.json")
-        runs[name] = load(Path(path))
-    if args.reference not in runs:
-        ap.error(f"--reference {args.reference}: not one of {', '.join(runs)}")
-    learning = compare(runs, args.reference, args.reps)
-    safety = safety_rows(runs)
-    text = markdown(safety, learning, args.reference)
+        name, sep, value = item.partition("=")
+        listed = value.split(",")
+        if not sep or not all((Path(p) / "retention.json").is_file() for p in listed):
+            ap.error(f"{item}: expected NAME=RUN[,RUN...] with RUN/retention.json")
+        paths[name] = listed
+    if args.reference not in paths:
+        ap.error(f"--reference {args.reference}: not one of {', '.join(paths)}")
+    n_seeds = len(paths[args.reference])
+    if any(len(v) != n_seeds for v in paths.values()):
+        ap.error(f"every NAME lists {n_seeds} run(s), one per seed, as --reference {args.reference} does")
+    safety, learning, parts = [], [], []
+    for k in range(n_seeds):
+        runs = {name: load(Path(v[k])) for name, v in paths.items()}
+        seed_learning = compare(runs, args.reference, args.reps, seed=k)
+        seed_safety = safety_rows(runs)
+        for r in seed_learning + seed_safety:
+            r["seed_index"] = k
+        learning += seed_learning
+        safety += seed_safety
+        title = f"Seed {k + 1} of {n_seeds}: " + ", ".join(f"{n} = {v[k]}" for n, v in paths.items())
+        parts.append((title + "\n\n" if n_seeds > 1 else "") + markdown(seed_safety, seed_learning, args.reference))
+    summary = seed_summary(safety, learning, args.reference)
+    text = "\n".join(([seed_markdown(summary, args.reference, n_seeds)] if n_seeds > 1 else []) + parts)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"runs": {n: str(p.partition("=")[2]) for n, p in zip(runs, args.runs)}, "reference": args.reference,
+            {"runs": paths, "reference": args.reference, "seeds": n_seeds, "summary": summary,
              "safety": safety, "learning": learning}, indent=1))
     return 0
 

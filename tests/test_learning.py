@@ -296,3 +296,29 @@ def test_sequence_table_gain_and_plasticity_against_hand_computation(tmp_path, c
     assert main([run, flat, "--reference", "flat", "--reps", "200", "--out", str(tmp_path / "u")]) == 0
     data = json.loads((tmp_path / "u.json").read_text())
     assert all(r["ratio"] is None for r in data["learning"])
+
+
+def test_sequence_table_pairs_each_seed_with_its_own_reference_and_averages(tmp_path, capsys):
+    """NAME=RUN0,RUN1: seed k of a name is compared with seed k of the reference; the summary's
+    mean is over the seeds' own ratios and retentions; a name with another number of runs is refused."""
+    from benchmarks.sequence_table import main
+
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s1").mkdir()
+    ref0 = _sequence_run(tmp_path / "s0" / "plain", (0.8, 0.2), (0.6, 0.6, 0.6, 0.6)).split("=")[1]  # gain 0.4
+    run0 = _sequence_run(tmp_path / "s0" / "anchor", (0.8, 0.8), (0.8, 0.8, 0.8, 0.8)).split("=")[1]  # 0.2: ratio 0.5
+    ref1 = _sequence_run(tmp_path / "s1" / "plain", (0.5, 0.1), (0.8, 0.8, 0.8, 0.8)).split("=")[1]  # gain 0.2
+    run1 = _sequence_run(tmp_path / "s1" / "anchor", (0.5, 0.4), (0.8, 0.8, 0.8, 0.8)).split("=")[1]  # 0.2: ratio 1.0
+    assert main([f"plain={ref0},{ref1}", f"anchor={run0},{run1}", "--reference", "plain", "--reps", "200",
+                 "--out", str(tmp_path / "t")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["seeds"] == 2
+    per_seed = {r["seed_index"]: r["ratio"] for r in data["learning"] if r["run"] == "anchor"}
+    assert per_seed == pytest.approx({0: 0.5, 1: 1.0})
+    entry = next(e for e in data["summary"] if e["run"] == "anchor" and e["what"] == "nll:math")
+    assert entry["ratio_mean"] == pytest.approx(0.75) and entry["gain_mean"] == pytest.approx(0.2)
+    ret = next(e for e in data["summary"] if e["run"] == "anchor" and e["what"] == "retention" and e["stage"] == "math")
+    assert ret["seeds"] == pytest.approx([1.0, 0.8]) and ret["seeds_mean"] == pytest.approx(0.9)
+    assert "0.75 (0.50 / 1.00)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([f"plain={ref0},{ref1}", f"anchor={run0}", "--reference", "plain"])
