@@ -147,9 +147,12 @@ def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     src, _ = mechanism_run
     path, out = _write(tmp_path, "from", allocation="safety-aware", task_extra="    anchor: {limit: 8, tokens: 4}",
                        rest=DIRECTION)
-    rc, so, se = _train(path, "--from", f"{src}:safety")
+    # with a probe the source did not have: the judged rows are still copied, the probe reference is measured
+    rc, so, se = _train(path, "--from", f"{src}:safety", "retention.probe={every: 2, limit: 4}")
     assert rc == 0, se[-2000:]
     assert "starting from" in so and "'safety' trained" not in so  # adopted, not retrained
+    assert "retention rows copied" in so
+    assert json.loads((out / "stages" / "00-safety" / "refusal_probe.json").read_text())["n"] == 4
     assert all(torch.equal(a, b) for a, b in zip(_B(src, "safety").values(), _B(out, "safety").values()))
     run = json.loads((out / "run.json").read_text())
     assert run["started_from"]["stage"] == "safety" and run["stages"][0]["adopted_from"] == str(src)

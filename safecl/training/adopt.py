@@ -4,7 +4,8 @@
 The source run's stages up to and including STAGE are adopted: their stage directories
 (adapter, mask, metrics, refusal direction) are copied into the new run, their run.json
 entries and retention rows (with the base row) are carried over when the retention check is
-configured identically, and the new run continues with its next stage as a resumed run would.
+configured identically (``retention.probe`` aside: the probe judges nothing, and its reference is
+measured again when it differs), and the new run continues with its next stage as a resumed run would.
 
 Checked before anything is copied (each mismatch is an error naming the key): the source
 finished STAGE (not rolled back); the model, adapter and seed settings are equal; each adopted
@@ -92,7 +93,8 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         with atomic_directory(out / entry["dir"]) as tmp:
             shutil.copytree(src / entry["dir"], tmp, ignore=shutil.ignore_patterns("checkpoint"),
                             copy_function=_copy_file, dirs_exist_ok=True)
-    same_check = source.get("retention") == mine.get("retention")
+    # the probe's settings do not change a judged row (its reference is re-measured on its own when outdated)
+    same_check = _judged_settings(source) == _judged_settings(mine)
     if same_check and (src / FILENAME).is_file():
         old = RetentionMatrix.load(src / FILENAME)
         keep = RetentionMatrix(safety_stage=recipe.stages[0].name)
@@ -105,6 +107,11 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
     return {"run": str(src), "stage": stage_name, "stages": names[:k + 1],
             "retention_rows": "copied" if same_check else "re-measured (retention settings differ)",
             "entries": finished[:k + 1]}
+
+
+def _judged_settings(recipe: dict) -> dict:
+    """The ``retention`` section less ``probe``: what the base and safety rows were judged with."""
+    return {k: v for k, v in (recipe.get("retention") or {}).items() if k != "probe"}
 
 
 def _copy_file(source, target):
