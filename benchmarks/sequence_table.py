@@ -181,6 +181,16 @@ def seed_markdown(summary: list[dict], reference: str, n_seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_label(run: str, k: int, n: int) -> str:
+    """"Seed S" from the run's recipe.resolved.yaml, else "Run set k+1 of n"."""
+    recipe = Path(run) / "recipe.resolved.yaml"
+    if recipe.is_file():
+        for line in recipe.read_text().splitlines():
+            if line.startswith("seed:"):
+                return f"Seed {line.split(':', 1)[1].strip()}"
+    return f"Run set {k + 1} of {n}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", metavar="NAME=RUN", help="a label and a finished run directory")
@@ -209,7 +219,8 @@ def main(argv=None) -> int:
             r["seed_index"] = k
         learning += seed_learning
         safety += seed_safety
-        title = f"Seed {k + 1} of {n_seeds}: " + ", ".join(f"{n} = {v[k]}" for n, v in paths.items())
+        title = f"{_seed_label(paths[args.reference][k], k, n_seeds)}: " + ", ".join(
+            f"{n} = {v[k]}" for n, v in paths.items())
         parts.append((title + "\n\n" if n_seeds > 1 else "") + markdown(seed_safety, seed_learning, args.reference))
     summary = seed_summary(safety, learning, args.reference)
     text = "\n".join(([seed_markdown(summary, args.reference, n_seeds)] if n_seeds > 1 else []) + parts)
