@@ -161,6 +161,11 @@ def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     assert rows[:2] == src_rows[:2]  # base and safety rows carried over, not re-measured
     assert (out / "base_check.json").read_bytes() == (src / "base_check.json").read_bytes()
     assert not any((_mask(out, "safety")[k] & _mask(out, "arithmetic")[k]).any() for k in _mask(out, "safety"))
+    # another task eval: the source's rows lack what this check scores, so they are measured again
+    rc, so, se = _train(path, "--from", f"{src}:safety", "stages.1.eval.limit=3", f"output_dir={tmp_path / 'z'}")
+    assert rc == 0, se[-2000:]
+    assert "retention rows re-measured" in so
+    assert json.loads((tmp_path / "z" / "retention.json").read_text())["rows"][0]["values"]["task:arithmetic"].__len__() == 3
     # a run that differs where it must agree is refused, naming the key
     rc, _, se = _train(path, "--from", f"{src}:safety", "adapter.rank=8", f"output_dir={tmp_path / 'x'}")
     assert rc == 2 and "adapter.rank" in se

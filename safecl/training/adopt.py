@@ -4,8 +4,10 @@
 The source run's stages up to and including STAGE are adopted: their stage directories
 (adapter, mask, metrics, refusal direction) are copied into the new run, their run.json
 entries and retention rows (with the base row) are carried over when the retention check is
-configured identically (``retention.probe`` aside: the probe judges nothing, and its reference is
-measured again when it differs), and the new run continues with its next stage as a resumed run would.
+configured identically and the recipes score the same task evals (``retention.probe`` aside: the
+probe judges nothing, and its reference is measured again when it differs); otherwise the base
+and adopted stages' rows are measured again. The new run continues with its next stage as a
+resumed run would.
 
 Checked before anything is copied (each mismatch is an error naming the key): the source
 finished STAGE (not rolled back); the model, adapter and seed settings are equal; each adopted
@@ -93,8 +95,11 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
         with atomic_directory(out / entry["dir"]) as tmp:
             shutil.copytree(src / entry["dir"], tmp, ignore=shutil.ignore_patterns("checkpoint"),
                             copy_function=_copy_file, dirs_exist_ok=True)
-    # the probe's settings do not change a judged row (its reference is re-measured on its own when outdated)
-    same_check = _judged_settings(source) == _judged_settings(mine)
+    # rows are copied only when this run's check would judge and score exactly what the source's did:
+    # the same retention settings (the probe aside: it judges nothing, and its reference is re-measured
+    # on its own when outdated) and the same task evals (a check scores every task of its recipe)
+    same_check = (_judged_settings(source) == _judged_settings(mine)
+                  and _task_evals(source) == _task_evals(mine))
     if same_check and (src / FILENAME).is_file():
         old = RetentionMatrix.load(src / FILENAME)
         keep = RetentionMatrix(safety_stage=recipe.stages[0].name)
@@ -105,13 +110,18 @@ def adopt_stages(recipe: Recipe, base_dir: Path, out: Path) -> dict:
                 with atomic_file(out / name) as tmp:
                     _copy_file(src / name, tmp)
     return {"run": str(src), "stage": stage_name, "stages": names[:k + 1],
-            "retention_rows": "copied" if same_check else "re-measured (retention settings differ)",
+            "retention_rows": "copied" if same_check else "re-measured (retention settings or task evals differ)",
             "entries": finished[:k + 1]}
 
 
 def _judged_settings(recipe: dict) -> dict:
     """The ``retention`` section less ``probe``: what the base and safety rows were judged with."""
     return {k: v for k, v in (recipe.get("retention") or {}).items() if k != "probe"}
+
+
+def _task_evals(recipe: dict) -> list:
+    """(stage name, eval settings) of every stage that has an eval: what a check scores as tasks."""
+    return [(st["name"], st.get("eval")) for st in recipe.get("stages", []) if st.get("eval")]
 
 
 def _copy_file(source, target):
