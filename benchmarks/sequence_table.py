@@ -34,6 +34,8 @@ import random
 import sys
 from pathlib import Path
 
+import yaml
+
 
 def load(run: Path) -> dict:
     """{stages: [names after safety], safety: name, rows: {stage: row}, columns} of a run's retention.json."""
@@ -184,11 +186,8 @@ def seed_markdown(summary: list[dict], reference: str, n_seeds: int) -> str:
 def _seed_label(run: str, k: int, n: int) -> str:
     """"Seed S" from the run's recipe.resolved.yaml, else "Run set k+1 of n"."""
     recipe = Path(run) / "recipe.resolved.yaml"
-    if recipe.is_file():
-        for line in recipe.read_text().splitlines():
-            if line.startswith("seed:"):
-                return f"Seed {line.split(':', 1)[1].strip()}"
-    return f"Run set {k + 1} of {n}"
+    seed = (yaml.safe_load(recipe.read_text()) or {}).get("seed") if recipe.is_file() else None
+    return f"Seed {seed}" if seed is not None else f"Run set {k + 1} of {n}"
 
 
 def main(argv=None) -> int:

@@ -165,7 +165,7 @@ def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     rc, so, se = _train(path, "--from", f"{src}:safety", "stages.1.eval.limit=3", f"output_dir={tmp_path / 'z'}")
     assert rc == 0, se[-2000:]
     assert "retention rows re-measured" in so
-    assert json.loads((tmp_path / "z" / "retention.json").read_text())["rows"][0]["values"]["task:arithmetic"].__len__() == 3
+    assert len(json.loads((tmp_path / "z" / "retention.json").read_text())["rows"][0]["values"]["task:arithmetic"]) == 3
     # a run that differs where it must agree is refused, naming the key
     rc, _, se = _train(path, "--from", f"{src}:safety", "adapter.rank=8", f"output_dir={tmp_path / 'x'}")
     assert rc == 2 and "adapter.rank" in se

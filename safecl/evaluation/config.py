@@ -174,7 +174,8 @@ class ProbeConfig(Section):
         "token's projection on the refusal direction; prefix = the mean per-token log-probability of each prompt's "
         "post-safety refusal opening (its first `tokens` answer tokens, teacher-forced); prefix-prob = the "
         "probability of that whole opening. Each is 0 on the base model and 1 after the safety stage. `opening` "
-        "is the default because it tracks the judged check best (safecl.safety.config.MEASURED_SPEARMAN); it needs "
+        "is the default because its measured Spearman with the judged check is the highest and the only one >= 0.9 "
+        "(safecl.safety.config.MEASURED_SPEARMAN; the intervals overlap); it needs "
         "the keyword judge.")
     every: PositiveInt = Field(25, description="Optimizer steps between two probes (plus one before the first step "
                                "and one at the stage end).")
