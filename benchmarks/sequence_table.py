@@ -16,8 +16,8 @@ numbers the run printed itself), per task stage ``t`` and each of its task's col
 
 Intervals: 95% percentile bootstrap over the check's examples, resampled jointly for the runs
 (each example's before and after values of both runs stay paired), ``--reps`` resamples. A ratio
-is printed only where the reference's gain interval excludes 0 (a reference that learned
-nothing measurable has no ratio). Retention = refusal / refusal after the safety stage, as the
+is printed only where the reference's gain interval lies above 0 (a reference that learned
+nothing measurable, or lost ground, has no ratio: a ratio of two losses reads backwards). Retention = refusal / refusal after the safety stage, as the
 gate reads it. Written: ``--out`` .md and .json.
 
 Seeds: ``NAME=RUN0,RUN1,...`` lists one run per seed; the k-th run of every name is compared with
@@ -92,7 +92,7 @@ def compare(runs: dict[str, dict], reference: str, reps: int, seed: int = 0) -> 
                 boot = [gain(*vals, lower, d) for d in draws]
                 row = {"run": name, "stage": stage, "column": column, "gain": g, "gain_ci": _ci(boot),
                        "before": _mean(vals[0]), "after": _mean(vals[1]), "n": n, "ratio": None, "ratio_ci": None}
-                if name != reference and not (ref_ci[0] <= 0 <= ref_ci[1]):
+                if name != reference and ref_ci[0] > 0:
                     row["ratio"] = g / ref_gain
                     ratios = [a / b for a, b in zip(boot, ref_boot) if b != 0]
                     row["ratio_ci"] = _ci(ratios)

@@ -145,8 +145,8 @@ def test_repair_fires_on_an_unmeetable_threshold_and_records_its_stages(tmp_path
 
 def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     src, _ = mechanism_run
-    path, out = _write(tmp_path, "from", allocation="safety-aware", task_extra="    anchor: {limit: 8, tokens: 4}",
-                       rest=DIRECTION)
+    path, out = _write(tmp_path, "from", allocation="safety-aware",
+                       task_extra="    anchor: {limit: 8, tokens: 4, task_share: 0.5}", rest=DIRECTION)
     # with a probe the source did not have: the judged rows are still copied, the probe reference is measured
     rc, so, se = _train(path, "--from", f"{src}:safety", "retention.probe={every: 2, limit: 4}")
     assert rc == 0, se[-2000:]
@@ -161,6 +161,9 @@ def test_start_from_another_runs_safety_stage(tmp_path, mechanism_run):
     assert rows[:2] == src_rows[:2]  # base and safety rows carried over, not re-measured
     assert (out / "base_check.json").read_bytes() == (src / "base_check.json").read_bytes()
     assert not any((_mask(out, "safety")[k] & _mask(out, "arithmetic")[k]).any() for k in _mask(out, "safety"))
+    chosen = json.loads((out / "stages" / "01-arithmetic" / "metrics.json").read_text())["mechanisms"]["anchor"]
+    # half the 8 anchors nearest the arithmetic prompts, out of the safety stage's 16 rows
+    assert chosen["selection"]["nearest"] == 4 and chosen["selection"]["candidates"] == 16 and chosen["prompts"] == 8
     # another task eval: the source's rows lack what this check scores, so they are measured again
     rc, so, se = _train(path, "--from", f"{src}:safety", "stages.1.eval.limit=3", f"output_dir={tmp_path / 'z'}")
     assert rc == 0, se[-2000:]

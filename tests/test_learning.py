@@ -279,7 +279,7 @@ def _sequence_run(path, refusal, nll_after, nll_before=(1.0, 1.0, 1.0, 1.0)):
 def test_sequence_table_gain_and_plasticity_against_hand_computation(tmp_path, capsys):
     """benchmarks/sequence_table.py: gain = mean(before - after) for an NLL, plasticity = gain /
     the reference's gain, retention = refusal / refusal after safety; no ratio against a
-    reference whose gain interval spans 0."""
+    reference whose gain interval spans 0 or lies below it."""
     from benchmarks.sequence_table import main
 
     ref = _sequence_run(tmp_path / "plain", (0.8, 0.2), (0.6, 0.6, 0.6, 0.6))   # gain 0.4 on every example
@@ -296,6 +296,11 @@ def test_sequence_table_gain_and_plasticity_against_hand_computation(tmp_path, c
     assert main([run, flat, "--reference", "flat", "--reps", "200", "--out", str(tmp_path / "u")]) == 0
     data = json.loads((tmp_path / "u.json").read_text())
     assert all(r["ratio"] is None for r in data["learning"])
+    # a reference that lost ground on every example (gain -0.4, interval below 0): no ratio either
+    worse = _sequence_run(tmp_path / "worse", (0.8, 0.4), (1.4, 1.4, 1.4, 1.4))
+    capsys.readouterr()
+    assert main([run, worse, "--reference", "worse", "--reps", "200", "--out", str(tmp_path / "v")]) == 0
+    assert all(r["ratio"] is None for r in json.loads((tmp_path / "v.json").read_text())["learning"])
 
 
 def test_sequence_table_pairs_each_seed_with_its_own_reference_and_averages(tmp_path, capsys):

@@ -34,6 +34,11 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def user_text(messages: list[dict]) -> str:
+    """The user turns' text, joined by blank lines (no template, no system turn)."""
+    return "\n\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
 def encode_example(tokenizer, example: Example, max_len: int) -> Encoded | None:
     """Token ids and response-only labels; None when truncation removes the whole response."""
     if example.response is None:

@@ -44,6 +44,15 @@ class AnchorConfig(Section):
         None, description="Anchor prompts, harmful and benign mixed (default: the safety stage's data, prompts only)."
     )
     limit: PositiveInt = Field(64, description="Anchor prompts drawn (seeded) from `prompts`.")
+    task_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the `limit` anchors chosen as the `prompts` nearest the stage's "
+        "own training prompts (mean hidden state of the model before the stage, centred cosine to the task "
+        "centroid; safecl/safety/selection.py), the rest drawn at random. 0 = all random. A stage erodes refusal "
+        "most where its instructions look like harmful requests (code: 'write a script that...')."
+    )
+    task_pool: PositiveInt = Field(
+        1024, description="task_share > 0: the candidates scored (a seeded sample of `prompts`; all when fewer)."
+    )
     loss: Literal["kl", "direction"] = Field(
         "kl", description="kl: KL(teacher || model) over the first `tokens` response tokens; direction: squared "
         "change of the last prompt token's projection onto the refusal direction (needs `refusal_direction`)."

@@ -16,11 +16,13 @@ import torch
 
 from safecl.adapters.conflict import merge_conflicts
 from safecl.data.replay import mix_replay
+from safecl.data.formatting import user_text
 from safecl.data.sources import load_examples
 from safecl.evaluation.generation import generate
 from safecl.recipe.schema import Recipe
 from safecl.safety.anchors import DirectionAnchor, KLAnchor, encode_anchor, prompt_part
 from safecl.safety.direction import load_direction, refusal_direction, save_direction
+from safecl.safety.selection import nearest_scores, pick_anchors, top
 from safecl.safety.sensitivity import safety_sensitivity
 from safecl.training.probing import DIRECTION_FILE, compute_probe_reference
 from safecl.training.rundir import stage_dir
@@ -51,26 +53,41 @@ def check_sources(recipe: Recipe, base_dir: Path) -> None:
             load_examples(stage.anchor.prompts, base_dir, seed=recipe.seed + 1, need_response=False)
 
 
-def _anchor_prompts(recipe: Recipe, index: int, base_dir: Path) -> list[list[dict]]:
+def _anchor_prompts(ctx, index: int, base_dir: Path, examples: list) -> tuple[list[list[dict]], dict]:
+    """The stage's anchor prompts (see safecl.safety.selection) and what chose them."""
+    recipe = ctx.recipe
     cfg = recipe.stages[index].anchor
     source = cfg.prompts if cfg is not None and cfg.prompts is not None else recipe.stages[0].data
     limit = cfg.limit if cfg is not None else 64
-    examples, _ = load_examples(source, base_dir, seed=recipe.seed + 1, need_response=False)
-    rng = random.Random(recipe.seed * 1000 + index + 17)
-    picks = sorted(rng.sample(range(len(examples)), min(limit, len(examples))))
-    return [examples[i].prompt_messages for i in picks]
+    pool, _ = load_examples(source, base_dir, seed=recipe.seed + 1, need_response=False)
+    seed = recipe.seed * 1000 + index + 17
+    if cfg is None or cfg.task_share == 0:
+        return [pool[i].prompt_messages for i in pick_anchors(len(pool), limit, seed)], {}
+    start = time.perf_counter()
+    rng = random.Random(seed + 12)
+    candidates = sorted(rng.sample(range(len(pool)), min(cfg.task_pool, len(pool))))
+    own = [ex for ex in examples if not ex.meta.get("replay")]
+    task = [own[i].prompt_messages for i in sorted(rng.sample(range(len(own)), min(64, len(own))))]
+    scores = nearest_scores(ctx.model, ctx.tokenizer, [pool[i].prompt_messages for i in candidates], task)
+    picks = pick_anchors(len(candidates), limit, seed, scores, cfg.task_share)
+    near = top(scores, round(cfg.task_share * len(picks)))
+    info = {"selection": {"task_share": cfg.task_share, "candidates": len(candidates), "task_prompts": len(task),
+                          "nearest": len(near), "seconds": round(time.perf_counter() - start, 3),
+                          "nearest_examples": [user_text(pool[candidates[i]].prompt_messages)[:80]
+                                               for i in near[:5]]}}
+    return [pool[candidates[i]].prompt_messages for i in picks], info
 
 
-def teacher_anchors(ctx, index: int, base_dir: Path, tokens: int) -> tuple[list, dict]:
+def teacher_anchors(ctx, index: int, base_dir: Path, tokens: int, examples: list) -> tuple[list, dict]:
     """Anchor prompts with the model's own greedy first ``tokens`` tokens (call before the stage
     trains: the model is then the teacher)."""
     start = time.perf_counter()
-    prompts = _anchor_prompts(ctx.recipe, index, base_dir)
+    prompts, chosen = _anchor_prompts(ctx, index, base_dir, examples)
     responses = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=tokens, batch_size=16, progress=False)
     anchors = [a for a in (encode_anchor(ctx.tokenizer, p, r, tokens) for p, r in zip(prompts, responses))
                if a is not None]
     return anchors, {"prompts": len(prompts), "anchors": len(anchors), "tokens": tokens,
-                     "teacher_seconds": round(time.perf_counter() - start, 3)}
+                     "teacher_seconds": round(time.perf_counter() - start, 3), **chosen}
 
 
 def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict, echo=None) -> tuple[list, dict | None]:
@@ -83,7 +100,7 @@ def build_terms(ctx, index: int, examples: list, base_dir: Path, metrics: dict, 
     need_sens = recipe.adapter.method == "lori-s" and recipe.adapter.allocation == "safety-aware" and stage.kind == "task"
     if stage.anchor is not None or need_sens:
         tokens = stage.anchor.tokens if stage.anchor is not None else 16
-        anchors, info["anchor"] = teacher_anchors(ctx, index, base_dir, tokens)
+        anchors, info["anchor"] = teacher_anchors(ctx, index, base_dir, tokens, examples)
     if stage.anchor is not None and stage.anchor.loss == "kl":
         a = stage.anchor
         terms.append(KLAnchor("anchor_kl", ctx.layers, anchors, a.weight, a.batch_size, pad, seed, a.cache_mb, echo,
