@@ -36,7 +36,7 @@ smoke: install
 test: install
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The docs site (mkdocs.yml, docs/); the reference pages are generated from the code at build time.
 docs: install
