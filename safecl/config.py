@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from pathlib import Path
@@ -70,6 +71,12 @@ def _leaves_of_lists(annotation: Any) -> list:
     if origin is list:
         return list(typing.get_args(annotation)[:1])
     return []
+
+
+def cache_dir() -> Path:
+    """safecl's per-user cache: ``$SAFECL_CACHE``, else ``~/.cache/safecl`` (converted models, the
+    empty MLflow store template). Everything in it can be deleted; it is built again on demand."""
+    return Path(os.environ.get("SAFECL_CACHE", Path.home() / ".cache" / "safecl"))
 
 
 def is_local_source(source: str) -> bool:

@@ -14,13 +14,13 @@ Every model needs a chat template: training formats examples through it.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from safecl.atomic import atomic_directory
+from safecl.config import cache_dir
 from safecl.errors import ModelError
 from safecl.recipe.schema import ModelConfig
 
@@ -35,10 +35,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAFECL_CACHE", Path.home() / ".cache" / "safecl"))
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
