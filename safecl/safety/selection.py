@@ -3,7 +3,7 @@
 Why nearest: a task stage erodes refusal most where its own instructions look like harmful
 requests. Measured on the three-task sequence (docs/results/saferpaca-gsm8k.md): over the
 CodeAlpaca stage, AdvBench prompts that ask for a script, program or tool lost 0.23 / 0.10 of
-refusal (seeds 0 / 1) while the others lost 0.02 / 0.02, and the random anchors held their own
+refusal (seeds 0 / 1) while the others moved by 0.02 at most, and the random anchors held their own
 prompts throughout (KL <= 0.09) because almost none of them (13 of Saferpaca's 2,483 safety
 rows) ask for code. A share of the anchors drawn where the task pushes guards that region.
 
