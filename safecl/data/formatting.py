@@ -73,6 +73,18 @@ def encode_all(tokenizer, examples: list[Example], max_len: int) -> tuple[list[E
     return out, dropped
 
 
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both B x longest row: each row of token ids right-padded with
+    ``pad_id``, attention 1 on its real tokens."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+    return ids, attn
+
+
 def collate(batch: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (or to ``width``, at least that); padding has label -100
     and attention 0."""

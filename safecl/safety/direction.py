@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safecl.atomic import atomic_file
-from safecl.data.formatting import render
+from safecl.data.formatting import pad_right, render
 
 
 def _device(model) -> torch.device:
@@ -45,12 +45,7 @@ def last_token_states(model, tokenizer, prompts: list[list[dict]], batch_size: i
         for start in range(0, len(prompts), batch_size):
             ids = [tokenizer(render(tokenizer, conv, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
                    for conv in prompts[start:start + batch_size]]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, x in enumerate(ids):
-                input_ids[i, :len(x)] = torch.tensor(x)
-                attn[i, :len(x)] = 1
+            input_ids, attn = pad_right(ids, pad)
             dev = _device(model)
             hs = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True).hidden_states
             last = (attn.sum(1) - 1).to(dev)

@@ -27,11 +27,7 @@ import random
 
 import torch
 
-from safecl.data.formatting import user_text
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+from safecl.data.formatting import pad_right, user_text
 
 
 @torch.no_grad()
@@ -43,20 +39,14 @@ def mean_states(model, tokenizer, texts: list[str], layer: int | None = None, ba
     n_layers = model.config.num_hidden_layers
     layer = n_layers // 2 if layer is None else layer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(texts), batch_size):
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [pad]
-                   for t in texts[start:start + batch_size]]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, x in enumerate(ids):
-                input_ids[i, :len(x)] = torch.tensor(x)
-                attn[i, :len(x)] = 1
-            dev = _device(model)
+            input_ids, attn = pad_right([tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [pad]
+                                         for t in texts[start:start + batch_size]], pad)
             hs = model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
                        output_hidden_states=True).hidden_states[layer].float()
             m = attn.to(dev).unsqueeze(-1).float()
@@ -79,12 +69,17 @@ def top(scores: torch.Tensor, n: int) -> list[int]:
     return torch.argsort(scores, descending=True, stable=True)[:n].tolist()
 
 
+def nearest_count(n_pool: int, limit: int, share: float) -> int:
+    """How many of the ``min(limit, n_pool)`` anchors are chosen as the nearest."""
+    return round(share * min(limit, n_pool))
+
+
 def pick_anchors(n_pool: int, limit: int, seed: int, scores: torch.Tensor | None = None,
                  share: float = 0.0) -> list[int]:
     """Indices into the pool, sorted: the ``round(share * limit)`` best-scoring, then the rest at
     random. With share 0 (or no scores) exactly ``sorted(Random(seed).sample(range(n_pool), k))``."""
     k = min(limit, n_pool)
-    n_near = round(share * k) if scores is not None else 0
+    n_near = nearest_count(n_pool, limit, share) if scores is not None else 0
     rng = random.Random(seed)
     if n_near == 0:
         return sorted(rng.sample(range(n_pool), k))

@@ -22,7 +22,7 @@ from safecl.evaluation.generation import generate
 from safecl.recipe.schema import Recipe
 from safecl.safety.anchors import DirectionAnchor, KLAnchor, encode_anchor, prompt_part
 from safecl.safety.direction import load_direction, refusal_direction, save_direction
-from safecl.safety.selection import nearest_scores, pick_anchors, top
+from safecl.safety.selection import nearest_count, nearest_scores, pick_anchors, top
 from safecl.safety.sensitivity import safety_sensitivity
 from safecl.training.probing import DIRECTION_FILE, compute_probe_reference
 from safecl.training.rundir import stage_dir
@@ -70,7 +70,7 @@ def _anchor_prompts(ctx, index: int, base_dir: Path, examples: list) -> tuple[li
     task = [own[i].prompt_messages for i in sorted(rng.sample(range(len(own)), min(64, len(own))))]
     scores = nearest_scores(ctx.model, ctx.tokenizer, [pool[i].prompt_messages for i in candidates], task)
     picks = pick_anchors(len(candidates), limit, seed, scores, cfg.task_share)
-    near = top(scores, round(cfg.task_share * len(picks)))
+    near = top(scores, nearest_count(len(candidates), limit, cfg.task_share))
     info = {"selection": {"task_share": cfg.task_share, "candidates": len(candidates), "task_prompts": len(task),
                           "nearest": len(near), "seconds": round(time.perf_counter() - start, 3),
                           "nearest_examples": [user_text(pool[candidates[i]].prompt_messages)[:80]
